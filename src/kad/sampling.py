@@ -1,0 +1,75 @@
+"""Warping and sampling of a target distribution, per row, with no host synchronisation.
+
+Warping (SPEC section 5) applies to the target π after mixing: temperature T, then top-k, then
+top-p. T = 0 is greedy: the warped target is the one-hot of argmax π (lowest id among ties), so
+greedy decoding and speculative verification are the same code as sampling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kad.errors import KadError
+
+
+@dataclass(frozen=True)
+class Warp:
+    """Sampling parameters: temperature (0 = greedy), top_k (0 = off), top_p (1 = off)."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not self.temperature >= 0:
+            raise KadError(f"temperature must be >= 0, got {self.temperature}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise KadError(f"top_k must be an integer >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise KadError(f"top_p must be in (0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def __call__(self, probs: torch.Tensor) -> torch.Tensor:
+        """The warped distribution ``[..., V]`` of probabilities ``[..., V]``."""
+        if self.greedy:
+            top = probs.argmax(dim=-1, keepdim=True)
+            return torch.zeros_like(probs).scatter_(-1, top, 1.0)
+        logits = torch.log(probs)
+        if self.temperature != 1.0:
+            logits = logits / self.temperature
+        if self.top_k and self.top_k < probs.shape[-1]:
+            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+            logits = logits.masked_fill(logits < kth, -torch.inf)
+        warped = torch.softmax(logits, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = torch.sort(warped, dim=-1, descending=True)
+            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above
+            drop_sorted = before >= self.top_p  # always keeps the first token
+            drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
+            warped = warped.masked_fill(drop, 0.0)
+            warped = warped / warped.sum(dim=-1, keepdim=True)
+        return warped
+
+
+def make_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
+    """One generator per row, so that a row's samples do not depend on its batch."""
+    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+
+
+def sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+    """One token per row of ``probs`` ``[B, V]`` -> ``[B]``, by the exponential race
+    argmax_v p_v / E_v with E_v ~ Exp(1) (an exact sample of p, no host sync)."""
+    noise = torch.stack(
+        [torch.empty_like(probs[0]).exponential_(generator=g) for g in generators]
+    )  # [B, V]
+    return (probs / noise).argmax(dim=-1)
+
+
+def uniform(generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
+    """One U(0, 1) draw per row ``[B]``."""
+    return torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
