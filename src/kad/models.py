@@ -10,7 +10,7 @@ import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
@@ -19,7 +19,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kad.errors import KadError, ModelNotFoundError, PromptError, VocabularyMismatchError
 
 Message = dict[str, str]
-Template = Union[None, str, Callable[[Any], str]]
+Template = None | str | Callable[[Any], str]
 
 DTYPES = {
     "float32": torch.float32,
@@ -38,7 +38,7 @@ class Raw:
     text: str
 
 
-PromptPart = Union[str, Raw, Sequence[Message]]
+PromptPart = str | Raw | Sequence[Message]
 
 
 @dataclass(frozen=True)
