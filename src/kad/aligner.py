@@ -100,10 +100,15 @@ class Aligner:
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
 
+        loaded: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+
         def load(spec, chat: bool, template: Template) -> Member:
-            model, tokenizer = load_causal_lm(
-                spec, dtype=torch_dtype, device=target, device_map=device_map
-            )
+            key = str(spec)
+            if key not in loaded:  # one model in two roles is loaded once
+                loaded[key] = load_causal_lm(
+                    spec, dtype=torch_dtype, device=target, device_map=device_map
+                )
+            model, tokenizer = loaded[key]
             return Member(model, tokenizer, PromptRenderer(tokenizer, chat, template))
 
         members = [load(base, False, base_template), load(proxy, True, proxy_template)]

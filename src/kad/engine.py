@@ -191,6 +191,7 @@ class DecodeSession:
                 self.states[row].finish_reason = "length"
         self._drop_finished()
 
+    @torch.inference_mode()
     def cancel(self, row: int) -> None:
         """Stop decoding a row (e.g. its client went away); it keeps what it has."""
         if row in self.active and self.states[row].finish_reason is None:
@@ -217,6 +218,7 @@ class DecodeSession:
         )
         return max(0, min(gamma, room - 1))
 
+    @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One round: draft γ tokens with the proxy, verify them with the base, emit 1..γ+1."""
         if self.done:

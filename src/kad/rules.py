@@ -30,6 +30,7 @@ from kad.errors import KadError
 
 Loss = Literal["nll", "squared", "margin", "zero_one"]
 LOSSES: tuple[str, ...] = ("nll", "squared", "margin", "zero_one")
+BUDGET_ROUNDING = 1e-6  # float32 sums of a distribution stray from 1 by about this much
 
 
 class Mix(NamedTuple):
@@ -182,7 +183,8 @@ class Primal:
         """d ``[..., V]`` bool: the greedy prefix in descending-loss order."""
         ell = loss_values(p, self.loss)
         order = torch.sort(-ell, dim=-1, stable=True).indices  # [..., V] descending ℓ
-        fits = torch.cumsum(p.gather(-1, order), dim=-1) <= self.budget  # a prefix: p >= 0
+        mass = torch.cumsum(p.gather(-1, order), dim=-1)  # [..., V] non-decreasing: p >= 0
+        fits = mass <= self.budget + BUDGET_ROUNDING  # so that b = 1 defers all despite rounding
         return torch.zeros_like(fits).scatter_(-1, order, fits)
 
     def mix(self, p: torch.Tensor, q: torch.Tensor, q_base: torch.Tensor | None = None) -> Mix:
@@ -328,7 +330,7 @@ def exact_deferral(p: torch.Tensor, budget: float, loss: str = "nll") -> torch.T
     subsets = ((codes >> torch.arange(vocab)) & 1).to(torch.float64)  # [2^V, V]
     weight = subsets @ p64  # [2^V]
     gain = subsets @ value  # [2^V]
-    gain = torch.where(weight <= budget + 1e-12, gain, torch.full_like(gain, -math.inf))
+    gain = torch.where(weight <= budget + BUDGET_ROUNDING, gain, torch.full_like(gain, -math.inf))
     best = gain.max()
     ties = (gain >= best - 1e-12).nonzero().squeeze(-1)
     choice = ties[weight[ties].argmin()]

@@ -1,0 +1,141 @@
+"""Every kind of bad input gets a clear message; in the CLI, exit code 2 (issue 2, item 7)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+import kad
+from kad.cli import app
+from tests.conftest import build_tokenizer
+
+runner = CliRunner()
+
+
+def run_cli(*args: str):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def mismatched_dir(tmp_path_factory, tiny_dirs):
+    """The tiny base model with a tokenizer whose ids 100 and 101 are swapped."""
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+
+    tok = build_tokenizer()
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = data["model"]["vocab"]
+    a, b = (next(k for k, v in vocab.items() if v == i) for i in (100, 101))
+    vocab[a], vocab[b] = 101, 100
+    from tokenizers import Tokenizer
+
+    swapped = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(json.dumps(data)),
+        eos_token="<|endoftext|>",
+        pad_token="<pad>",
+    )
+    path = tmp_path_factory.mktemp("mismatch")
+    AutoModelForCausalLM.from_pretrained(tiny_dirs.base).save_pretrained(path)
+    swapped.save_pretrained(path)
+    return path
+
+
+def test_mismatched_vocabularies_name_the_first_bad_id(tiny_dirs, mismatched_dir):
+    with pytest.raises(kad.VocabularyMismatchError, match="token id 100"):
+        kad.Aligner.from_pretrained(mismatched_dir, tiny_dirs.proxy)
+    result = run_cli("generate", "--base", mismatched_dir, "--proxy", tiny_dirs.proxy, "hi")
+    assert result.exit_code == 2 and "token id 100" in result.output
+
+
+def test_prompt_longer_than_the_context(tiny_aligner, tiny_dirs):
+    long = "apples " * 400  # the tiny models hold 256 positions
+    with pytest.raises(kad.PromptError, match="context holds 256"):
+        tiny_aligner.generate(long, max_new_tokens=4)
+    result = run_cli("generate", "--base", tiny_dirs.base, "--proxy", tiny_dirs.proxy, long)
+    assert result.exit_code == 2 and "shorten it" in result.output
+
+
+def test_generation_stops_at_the_context_end(tiny_aligner):
+    out = tiny_aligner.generate("apples " * 120, max_new_tokens=500)[0]
+    assert out.finish_reason == "length" and len(out.token_ids) < 500
+
+
+def test_empty_prompt(tiny_aligner, tiny_dirs):
+    with pytest.raises(kad.PromptError, match="empty"):
+        tiny_aligner.generate("   ", max_new_tokens=4)
+    with pytest.raises(kad.PromptError, match="no prompts"):
+        tiny_aligner.generate([], max_new_tokens=4)
+    result = run_cli("generate", "--base", tiny_dirs.base, "--proxy", tiny_dirs.proxy, "")
+    assert result.exit_code == 2 and "empty" in result.output
+
+
+def test_missing_model_path(tiny_dirs, tmp_path):
+    missing = tmp_path / "no-such-model"
+    with pytest.raises(kad.ModelNotFoundError, match="does not exist"):
+        kad.Aligner.from_pretrained(str(missing), tiny_dirs.proxy)
+    result = run_cli("generate", "--base", missing, "--proxy", tiny_dirs.proxy, "hi")
+    assert result.exit_code == 2 and "does not exist" in result.output
+
+
+def test_offline_hub_id_is_a_clear_error(tiny_dirs):
+    with pytest.raises(kad.ModelNotFoundError, match="could not load model 'nobody/no-such-model'"):
+        kad.Aligner.from_pretrained("nobody/no-such-model", tiny_dirs.proxy)
+
+
+def test_implicit_reward_without_proxy_base(tiny_dirs):
+    aligner = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy)
+    with pytest.raises(kad.KadError, match="proxy_base="):
+        aligner.generate("hi", rule=kad.ImplicitReward())
+    result = run_cli(
+        "generate",
+        "--base",
+        tiny_dirs.base,
+        "--proxy",
+        tiny_dirs.proxy,
+        "--rule",
+        "implicit-reward",
+        "hi",
+    )
+    assert result.exit_code == 2 and "--proxy-base" in result.output
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--lam", "-0.5"], "lam must be >= 0"),
+        (["--rule", "primal", "--budget", "1.5"], "budget must be in [0, 1]"),
+        (["--rule", "primal", "--budget", "-0.1"], "budget must be in [0, 1]"),
+        (["--rule", "magic"], "magic"),
+        (["--speculative", "0"], "speculative must be an integer >= 1"),
+        (["--loss", "hinge", "--mu", "0.1"], "unknown loss"),
+        (["--temperature", "-1"], "temperature must be >= 0"),
+    ],
+)
+def test_cli_rejects_bad_parameters_with_exit_code_2(tiny_dirs, args, message):
+    result = run_cli("generate", "--base", tiny_dirs.base, "--proxy", tiny_dirs.proxy, *args, "hi")
+    assert result.exit_code == 2
+    assert message in " ".join(result.output.split())
+
+
+def test_cli_generate_prints_text_json_and_deferral(tiny_dirs, tiny_aligner):
+    common = [
+        "generate",
+        "--base",
+        tiny_dirs.base,
+        "--proxy",
+        tiny_dirs.proxy,
+        "--max-new-tokens",
+        "8",
+    ]
+    want = tiny_aligner.generate(["Hello", "Tom has"], max_new_tokens=8)
+    result = run_cli(*common, "--json", "Hello", "Tom has")
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert [r["token_ids"] for r in rows] == [g.token_ids for g in want]
+    assert rows[0]["stats"]["deferral_rate"] == want[0].stats.deferral_rate
+    result = run_cli(*common, "--show-deferral", "Hello")
+    assert result.exit_code == 0 and "deferred to the proxy" in result.output
+    result = run_cli(*common, "--json", "--speculative", "3", "Hello")
+    stats = json.loads(result.stdout)["stats"]
+    assert result.exit_code == 0 and stats["acceptance"] is not None and stats["rounds"] >= 1

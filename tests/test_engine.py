@@ -1,0 +1,233 @@
+"""The decoding engine on tiny Llama/Qwen2/GPT-2 models loaded from disk (SPEC 5, invariants
+1, 2, 5, 6)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+import kad
+from kad.engine import ModelRunner
+
+PROMPTS = ["Tom has 3 apples", "Hello", "The quick brown fox jumps over the lazy dog. 12 + 34 ="]
+RULES = [
+    kad.Dual(lam=0.4),
+    kad.Primal(budget=0.9),
+    kad.Nudging(lam=0.4),
+    kad.ImplicitReward(beta=1.0),
+    kad.BaseOnly(),
+    kad.ProxyOnly(),
+]
+
+
+def hf_greedy(path, prompt_ids: list[int], n: int, eos: set[int]) -> list[int]:
+    """transformers' own greedy generate on the same prompt ids, cut after the first EOS."""
+    model = AutoModelForCausalLM.from_pretrained(path)
+    out = model.generate(
+        torch.tensor([prompt_ids]),
+        attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+        max_new_tokens=n,
+        do_sample=False,
+        pad_token_id=0,
+    )[0, len(prompt_ids) :].tolist()
+    for i, t in enumerate(out):
+        if t in eos:
+            return out[: i + 1]
+    return out
+
+
+def test_dual_lambda_zero_is_the_base_alone(tiny_aligner, tiny_dirs):
+    """Invariant 1: λ = 0 generates exactly what the base generates, here and in transformers."""
+    n = 16
+    dual0 = tiny_aligner.generate(PROMPTS, rule=kad.Dual(lam=0.0), max_new_tokens=n)
+    base = tiny_aligner.generate(PROMPTS, rule=kad.BaseOnly(), max_new_tokens=n)
+    ids = tiny_aligner.encode_prompts(PROMPTS)["base"]
+    for i, (a, b) in enumerate(zip(dual0, base, strict=True)):
+        assert a.token_ids == b.token_ids
+        assert a.stats.deferral_rate == 0.0
+        assert a.token_ids == hf_greedy(tiny_dirs.base, ids[i], n, tiny_aligner.eos_ids)
+
+
+def test_dual_lambda_above_one_is_the_proxy_alone(tiny_aligner, tiny_dirs):
+    """Invariant 2: λ > 1 generates exactly what the proxy generates (with its chat template)."""
+    n = 16
+    dual = tiny_aligner.generate(PROMPTS, rule=kad.Dual(lam=1.5), max_new_tokens=n)
+    proxy = tiny_aligner.generate(PROMPTS, rule=kad.ProxyOnly(), max_new_tokens=n)
+    ids = tiny_aligner.encode_prompts(PROMPTS)["proxy"]
+    for i, (a, b) in enumerate(zip(dual, proxy, strict=True)):
+        assert a.token_ids == b.token_ids
+        assert a.stats.deferral_rate == 1.0 and a.stats.mean_tv == pytest.approx(0.0, abs=1e-5)
+        assert a.token_ids == hf_greedy(tiny_dirs.proxy, ids[i], n, tiny_aligner.eos_ids)
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_a_batch_equals_its_rows_one_by_one(tiny_aligner, rule):
+    """Invariant 5: left padding, masks and position ids are right for all models, although each
+    model's prompt has its own length (raw text for the base, a chat template for the proxy)."""
+    ids = tiny_aligner.encode_prompts(PROMPTS)
+    assert len({len(r) for r in ids["base"]}) == len(PROMPTS)
+    assert [len(r) for r in ids["base"]] != [len(r) for r in ids["proxy"]]
+    batch = tiny_aligner.generate(PROMPTS, rule=rule, max_new_tokens=20)
+    for prompt, together in zip(PROMPTS, batch, strict=True):
+        alone = tiny_aligner.generate(prompt, rule=rule, max_new_tokens=20)[0]
+        assert together.token_ids == alone.token_ids
+        assert together.text == alone.text
+
+
+def test_cached_logits_match_a_full_recompute(tiny_aligner):
+    """Invariant 6, also after a rollback has left masked holes in the cache."""
+    for role, member in tiny_aligner.members.items():
+        rows = tiny_aligner.encode_prompts(PROMPTS[:2])["proxy" if role != "base" else "base"]
+        runner = ModelRunner(member.model, tiny_aligner.vocab_size)
+        with torch.inference_mode():
+            last = runner.prefill(rows)
+            steps = torch.tensor([[5, 9, 17], [40, 41, 42]])
+            first = runner.forward(torch.cat([last.unsqueeze(-1), steps], dim=-1))  # [B, 4, V]
+            runner.rollback(torch.tensor([2, 4]), 4)  # row 0 keeps last, 5; row 1 keeps all
+            after = runner.forward(torch.tensor([[7], [8]]))[:, 0]  # [B, V]
+            for b, row in enumerate(rows):
+                kept = [*row, *steps[b].tolist()][: len(row) + (1 if b == 0 else 3)]
+                full = member.model(torch.tensor([[*kept, 7 if b == 0 else 8]])).logits[0]
+                ref = torch.log_softmax(full[:, : tiny_aligner.vocab_size].float(), dim=-1)
+                n_ctx = len(row) - 1
+                torch.testing.assert_close(first[b, :2], ref[n_ctx : n_ctx + 2], atol=1e-4, rtol=0)
+                torch.testing.assert_close(after[b], ref[-1], atol=1e-4, rtol=0)
+
+
+def test_sampling_is_seeded_and_independent_of_the_batch(tiny_aligner):
+    kw = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": 7}
+    batch = tiny_aligner.generate(PROMPTS, **kw)
+    again = tiny_aligner.generate(PROMPTS, **kw)
+    assert [g.token_ids for g in batch] == [g.token_ids for g in again]
+    alone = tiny_aligner.generate(PROMPTS[1], **kw)[0]
+    assert alone.token_ids == batch[1].token_ids
+    other = tiny_aligner.generate(PROMPTS, **{**kw, "seed": 8})
+    assert [g.token_ids for g in other] != [g.token_ids for g in batch]
+
+
+def test_top_k_one_is_greedy(tiny_aligner):
+    greedy = tiny_aligner.generate(PROMPTS, max_new_tokens=10)
+    top1 = tiny_aligner.generate(PROMPTS, max_new_tokens=10, temperature=0.7, top_k=1, seed=3)
+    assert [g.token_ids for g in greedy] == [g.token_ids for g in top1]
+
+
+def test_warp_top_p_and_temperature():
+    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
+    assert torch.allclose(
+        kad.Warp(temperature=1.0, top_p=0.7)(probs), torch.tensor([[0.625, 0.375, 0, 0]])
+    )
+    assert torch.allclose(
+        kad.Warp(temperature=1.0, top_k=2)(probs), torch.tensor([[0.625, 0.375, 0, 0]])
+    )
+    hot = kad.Warp(temperature=2.0)(probs)
+    assert torch.allclose(hot, probs.sqrt() / probs.sqrt().sum())
+    assert kad.Warp()(probs).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    with pytest.raises(kad.KadError, match="top_p"):
+        kad.Warp(top_p=0.0)
+
+
+def test_stops_on_max_tokens_stop_strings_and_eos(tiny_aligner):
+    long = tiny_aligner.generate(PROMPTS[0], max_new_tokens=12)[0]
+    assert long.finish_reason == "length" and len(long.token_ids) == 12
+    # A stop string taken from the middle of the greedy text cuts the text just before it.
+    cut = next(i for i in range(2, len(long.text)) if long.text[i].strip())
+    stop = long.text[cut : cut + 2]
+    stopped = tiny_aligner.generate(PROMPTS[0], max_new_tokens=12, stop=[stop])[0]
+    assert stopped.finish_reason == "stop"
+    assert stopped.text == long.text[: long.text.find(stop)]
+    # Make the second greedy token an EOS: generation stops there and the EOS is not in the text.
+    eos = next(iter(tiny_aligner.eos_ids))
+    second = long.token_ids[1]
+    saved = set(tiny_aligner.eos_ids)
+    tiny_aligner.eos_ids.add(second)
+    try:
+        ended = tiny_aligner.generate(PROMPTS[0], max_new_tokens=12)[0]
+    finally:
+        tiny_aligner.eos_ids.clear()
+        tiny_aligner.eos_ids.update(saved)
+    assert ended.finish_reason == "stop" and ended.token_ids == long.token_ids[:2]
+    assert eos in tiny_aligner.eos_ids
+
+
+def test_stats_are_computed_from_the_steps(tiny_aligner):
+    dual = tiny_aligner.generate(PROMPTS, rule=kad.Dual(lam=0.4), max_new_tokens=10)
+    for g in dual:
+        assert g.stats.tokens == len(g.token_ids) == len(g.proxy_share)
+        assert 0 <= g.stats.mean_alpha <= 1 and 0 <= g.stats.deferral_rate <= 1
+        assert all(0 <= s <= 1 + 1e-6 for s in g.proxy_share)
+    base = tiny_aligner.generate(PROMPTS, rule=kad.BaseOnly(), max_new_tokens=10)
+    assert all(g.stats.deferral_rate == 0 and set(g.proxy_share) == {0.0} for g in base)
+    primal = tiny_aligner.generate(PROMPTS, rule=kad.Primal(budget=0.5), max_new_tokens=10)
+    assert all(0 <= g.stats.mean_unfilled <= 0.5 for g in primal)
+    implicit = tiny_aligner.generate(PROMPTS, rule=kad.ImplicitReward(), max_new_tokens=10)
+    assert all(g.stats.mean_alpha is None and math.isnan(g.proxy_share[0]) for g in implicit)
+
+
+def test_step_wise_session_streams_the_same_text(tiny_aligner):
+    session = tiny_aligner.start(PROMPTS, max_new_tokens=10)
+    pieces = {i: "" for i in range(len(PROMPTS))}
+    while not session.done:
+        for event in session.step():
+            pieces[event.row] += event.text
+    results = session.results()
+    assert [pieces[i] for i in range(len(PROMPTS))] == [r.text for r in results]
+
+
+def test_cancel_frees_a_row_and_keeps_the_others(tiny_aligner):
+    session = tiny_aligner.start(PROMPTS, max_new_tokens=10)
+    session.step()
+    session.cancel(1)
+    while not session.done:
+        session.step()
+    results = session.results()
+    assert results[1].finish_reason == "cancelled" and len(results[1].token_ids) == 1
+    plain = tiny_aligner.generate([PROMPTS[0], PROMPTS[2]], max_new_tokens=10)
+    assert [results[0].token_ids, results[2].token_ids] == [g.token_ids for g in plain]
+
+
+def test_score_is_the_teacher_forced_log_probability(tiny_aligner):
+    """Under the base-only rule, score() is the base's own log-likelihood of the continuation."""
+    prompt, continuation = PROMPTS[0], " and 5 pears"
+    got = tiny_aligner.score([prompt], [continuation], rule=kad.BaseOnly())[0]
+    base = tiny_aligner.members["base"]
+    p_ids = tiny_aligner.encode_prompts([prompt])["base"][0]
+    c_ids = tiny_aligner.tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    logits = base.model(torch.tensor([p_ids + c_ids])).logits[0, :, : tiny_aligner.vocab_size]
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    want = sum(logp[len(p_ids) - 1 + i, t].item() for i, t in enumerate(c_ids))
+    assert got == pytest.approx(want, abs=1e-3)
+    two = tiny_aligner.score([prompt, PROMPTS[1]], [continuation, " world"], rule=kad.Dual())
+    assert two[0] == pytest.approx(
+        tiny_aligner.score(prompt, continuation, rule=kad.Dual())[0], abs=1e-4
+    )
+
+
+def test_each_model_renders_prompts_its_own_way(tiny_aligner, tiny_dirs):
+    tok = tiny_aligner.tokenizer
+    ids = tiny_aligner.encode_prompts(["Hello"])
+    assert tok.decode(ids["proxy"][0]) == "<|user|>Hello<|end|><|assistant|>"
+    assert tok.decode(ids["base"][0]) == "Hello"
+    assert ids["proxy_base"] == ids["proxy"]
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    ids = tiny_aligner.encode_prompts([chat])
+    assert tok.decode(ids["base"][0]) == "System: Be brief.\n\nUser: Hi\n\nAssistant:"
+    ids = tiny_aligner.encode_prompts([kad.Prompt(base=kad.Raw("Q: 2+2?\nA:"), proxy="2+2?")])
+    assert tok.decode(ids["base"][0]) == "Q: 2+2?\nA:"
+    custom = kad.Aligner.from_pretrained(
+        tiny_dirs.base,
+        tiny_dirs.proxy,
+        base_template="Question: {prompt}\nAnswer:",
+        proxy_template=lambda p: f"<|user|>{p.upper()}<|assistant|>",
+    )
+    ids = custom.encode_prompts(["hi"])
+    assert tok.decode(ids["base"][0]) == "Question: hi\nAnswer:"
+    assert tok.decode(ids["proxy"][0]) == "<|user|>HI<|assistant|>"
+
+
+def test_padded_embedding_rows_are_dropped(tiny_aligner):
+    """The Qwen2-style proxy has 7 more embedding rows than the tokenizer has tokens."""
+    proxy_rows = tiny_aligner.members["proxy"].model.get_output_embeddings().weight.shape[0]
+    assert tiny_aligner.vocab_size == len(tiny_aligner.tokenizer) == proxy_rows - 7
