@@ -9,7 +9,13 @@ import pytest
 import torch
 from scipy.stats import chi2_contingency, chisquare
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+from transformers import (
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedTokenizerFast,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 
 import kad
 from kad.speculative import AutoGamma, expected_tokens
@@ -83,14 +89,42 @@ def tiny_vocab(tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp("tiny_vocab")
     common = dict(vocab_size=len(vocab), max_position_embeddings=64, eos_token_id=6, bos_token_id=6)
     torch.manual_seed(1)
-    base = LlamaForCausalLM(LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                        num_attention_heads=4, num_key_value_heads=2, **common))
-    proxy = Qwen2ForCausalLM(Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                         num_attention_heads=4, num_key_value_heads=2, **common))
-    proxy_base = LlamaForCausalLM(LlamaConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                                              num_attention_heads=2, num_key_value_heads=1, **common))
+    base = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+    )
+    proxy = Qwen2ForCausalLM(
+        Qwen2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            **common,
+        )
+    )
+    proxy_base = LlamaForCausalLM(
+        LlamaConfig(
+            hidden_size=16,
+            intermediate_size=32,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            **common,
+        )
+    )
     paths = {}
-    for name, model, scale in (("base", base, 20.0), ("proxy", proxy, 6.0), ("proxy_base", proxy_base, 3.0)):
+    for name, model, scale in (
+        ("base", base, 20.0),
+        ("proxy", proxy, 6.0),
+        ("proxy_base", proxy_base, 3.0),
+    ):
         with torch.no_grad():
             model.get_output_embeddings().weight.mul_(scale)
         paths[name] = root / name
@@ -144,7 +178,9 @@ def test_first_token_matches_the_exact_target(tiny_vocab):
     """The first speculative token follows π̃_1 computed directly from the rule."""
     aligner, rule = tiny_vocab.aligner, kad.Dual(lam=0.4)
     n = 2000
-    spec, _ = outcomes(aligner, n, 50_000, rule=rule, max_new_tokens=3, temperature=1.0, speculative=3)
+    spec, _ = outcomes(
+        aligner, n, 50_000, rule=rule, max_new_tokens=3, temperature=1.0, speculative=3
+    )
     first = Counter()
     for seq, count in spec.items():
         first[seq[0]] += count
@@ -167,8 +203,13 @@ def test_predicted_acceptance_matches_measured(tiny_vocab):
     """Mean 1 − TV(π̃, q̃) over verified positions predicts the acceptance rate: they agree within
     4 standard errors of a binomial proportion."""
     _, gens = outcomes(
-        tiny_vocab.aligner, 2000, 90_000, rule=kad.Dual(lam=0.4), max_new_tokens=6,
-        temperature=1.0, speculative=3,
+        tiny_vocab.aligner,
+        2000,
+        90_000,
+        rule=kad.Dual(lam=0.4),
+        max_new_tokens=6,
+        temperature=1.0,
+        speculative=3,
     )
     drafted = sum(g.stats.drafted for g in gens)
     measured = sum(g.stats.accepted for g in gens) / drafted
@@ -176,5 +217,11 @@ def test_predicted_acceptance_matches_measured(tiny_vocab):
     standard_error = (predicted * (1 - predicted) / drafted) ** 0.5
     assert abs(measured - predicted) < 4 * standard_error
     assert 0.05 < measured < 0.98
-    hist = [sum(h) for h in zip(*[g.stats.accepted_hist + [0] * (4 - len(g.stats.accepted_hist)) for g in gens], strict=True)]
+    hist = [
+        sum(h)
+        for h in zip(
+            *[g.stats.accepted_hist + [0] * (4 - len(g.stats.accepted_hist)) for g in gens],
+            strict=True,
+        )
+    ]
     assert sum(hist) == sum(g.stats.rounds for g in gens)
