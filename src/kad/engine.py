@@ -227,6 +227,7 @@ class DecodeSession:
         base, proxy = self.runners["base"], self.runners["proxy"]
         proxy_base = self.runners.get("proxy_base")
         dev = self.base_device
+        generators = None if self.warp.greedy else self.generators
 
         t0 = time.perf_counter()
         current = self.pending["proxy"]
@@ -236,7 +237,7 @@ class DecodeSession:
             q_logs.append(log_q)
             if i < gamma:
                 q_warped = self.warp(log_q.exp())
-                current = sample(q_warped, self.generators)
+                current = sample(q_warped, generators)
                 draft_probs.append(q_warped)
                 drafts.append(current)
         t1 = time.perf_counter()
@@ -258,8 +259,8 @@ class DecodeSession:
         mix = self.rule.mix(p, q, q_base)
         target = self.warp(mix.pi)  # [B, γ+1, V]
         q_tilde = torch.stack(draft_probs, dim=1) if draft_probs else target[:, :0]
-        accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde, self.generators)
-        token = next_token(accepted, target, q_tilde, self.generators)  # [B]
+        accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde, generators)
+        token = next_token(accepted, target, q_tilde, generators)  # [B]
 
         emitted = torch.cat([drafted, torch.zeros_like(token).unsqueeze(-1)], dim=-1)
         emitted.scatter_(1, accepted.unsqueeze(-1), token.unsqueeze(-1))  # [B, γ+1]

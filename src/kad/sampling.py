@@ -61,9 +61,12 @@ def make_generators(seeds: list[int], device: torch.device) -> list[torch.Genera
     return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
 
 
-def sample(probs: torch.Tensor, generators: list[torch.Generator]) -> torch.Tensor:
+def sample(probs: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
     """One token per row of ``probs`` ``[B, V]`` -> ``[B]``, by the exponential race
-    argmax_v p_v / E_v with E_v ~ Exp(1) (an exact sample of p, no host sync)."""
+    argmax_v p_v / E_v with E_v ~ Exp(1) (an exact sample of p, no host sync).
+    With no generators (greedy: one-hot rows), the argmax."""
+    if generators is None:
+        return probs.argmax(dim=-1)
     noise = torch.stack(
         [torch.empty_like(probs[0]).exponential_(generator=g) for g in generators]
     )  # [B, V]

@@ -29,7 +29,7 @@ def accepted_lengths(
     drafts: torch.Tensor,
     target: torch.Tensor,
     draft_probs: torch.Tensor,
-    generators: list[torch.Generator],
+    generators: list[torch.Generator] | None,
 ) -> torch.Tensor:
     """Number of leading drafts accepted per row ``[B]``.
 
@@ -40,8 +40,11 @@ def accepted_lengths(
         return torch.zeros(drafts.shape[0], dtype=torch.long, device=drafts.device)
     index = drafts.unsqueeze(-1)
     ratio = target.gather(-1, index).squeeze(-1) / draft_probs.gather(-1, index).squeeze(-1)
-    draws = torch.stack([uniform(generators, drafts.device) for _ in range(gamma)], dim=-1)
-    accept = draws < ratio  # [B, γ]; u ∈ [0, 1) so P(accept) = min(1, ratio)
+    if generators is None:  # greedy: one-hot targets, so the ratio is 1 (accept) or 0
+        accept = ratio > 0
+    else:
+        draws = torch.stack([uniform(generators, drafts.device) for _ in range(gamma)], dim=-1)
+        accept = draws < ratio  # [B, γ]; u ∈ [0, 1) so P(accept) = min(1, ratio)
     return accept.long().cumprod(dim=-1).sum(dim=-1)
 
 
@@ -49,7 +52,7 @@ def next_token(
     accepted: torch.Tensor,
     target: torch.Tensor,
     draft_probs: torch.Tensor,
-    generators: list[torch.Generator],
+    generators: list[torch.Generator] | None,
 ) -> torch.Tensor:
     """The token after the accepted drafts ``[B]``: residual sample at the first rejection, or the
     bonus sample from π̃_{γ+1} when all were accepted.
