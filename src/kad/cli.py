@@ -205,3 +205,24 @@ def demo(
 def main() -> None:  # pragma: no cover - console entry for `python -m kad`
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
+
+
+def _register_module_commands() -> None:
+    """Commands that live beside the code they drive (evaluation, benchmarks, server)."""
+    from kad.eval.commands import (
+        LM_EVAL_CONTEXT,
+        eval_command,
+        lm_eval_command,
+        report_command,
+        sweep_command,
+    )
+
+    app.command("eval")(exits_on_bad_input(eval_command))
+    app.command("sweep")(exits_on_bad_input(sweep_command))
+    app.command("report")(exits_on_bad_input(report_command))
+    app.command("lm-eval", context_settings=LM_EVAL_CONTEXT, add_help_option=False)(
+        lm_eval_command
+    )
+
+
+_register_module_commands()

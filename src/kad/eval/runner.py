@@ -1,0 +1,290 @@
+"""`kad eval`: run one task under one rule, one JSONL line per example, then a summary.
+
+A results folder holds one method (model family + rule + decoding settings, in ``run.json``)
+and any number of tasks: ``<task>.jsonl`` (a line per example, appended as batches finish) and
+``<task>.summary.json``. A rerun skips the examples already in the JSONL, so an interrupted run
+loses at most one batch; a folder written with other settings is refused.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+from kad.errors import KadError
+from kad.eval.tasks import Example, Task
+from kad.rules import Rule
+
+RUN_FILE = "run.json"
+SUMMARY_SUFFIX = ".summary.json"
+# Settings that define a method: a folder's records are only comparable if these agree.
+IDENTITY_KEYS = (
+    "base",
+    "proxy",
+    "proxy_base",
+    "rule",
+    "params",
+    "shots",
+    "max_new_tokens",
+    "temperature",
+    "top_p",
+    "top_k",
+    "seed",
+    "speculative",
+)
+
+
+def rule_params(rule: Rule) -> dict[str, Any]:
+    """The parameters that define a rule, e.g. ``{"lam": 0.4, "loss": "nll"}`` for dual.
+
+    For the nll loss μ = −log λ is implied by λ and left out."""
+    fields = asdict(rule)  # type: ignore[call-overload]
+    params = {k: v for k, v in fields.items() if k not in ("name", "needs_proxy_base")}
+    if params.get("loss") == "nll":
+        params.pop("mu", None)
+    return {k: v for k, v in params.items() if v is not None}
+
+
+def method_name(rule: str, params: dict[str, Any]) -> str:
+    """A short folder-safe name: ``dual-lam0.4``, ``primal-b0.9``, ``dual-squared-mu0.5``."""
+    short = {"lam": "lam", "budget": "b", "beta": "beta", "mu": "mu"}
+    parts = [rule.replace("_", "-")]
+    if params.get("loss", "nll") != "nll":
+        parts.append(str(params["loss"]))
+    parts += [f"{short[k]}{params[k]:g}" for k in short if k in params]
+    return "-".join(parts)
+
+
+def read_records(path: Path) -> list[dict[str, Any]]:
+    """The complete lines of a results JSONL. A torn last line (an interrupted write) is cut
+    off the file so that appending continues cleanly."""
+    if not path.exists():
+        return []
+    raw = path.read_bytes()
+    records, good_bytes = [], 0
+    for line in raw.splitlines(keepends=True):
+        if not line.endswith(b"\n"):
+            break
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+        good_bytes += len(line)
+    if good_bytes != len(raw):
+        with path.open("r+b") as handle:
+            handle.truncate(good_bytes)
+    return records
+
+
+def check_run_file(out_dir: Path, run: dict[str, Any]) -> None:
+    """Write ``run.json``, or check that the folder's existing one has the same settings."""
+    path = out_dir / RUN_FILE
+    if not path.exists():
+        path.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+        return
+    existing = json.loads(path.read_text(encoding="utf-8"))
+    changed = [k for k in IDENTITY_KEYS if existing.get(k) != run.get(k)]
+    if changed:
+        detail = ", ".join(f"{k}: {existing.get(k)!r} -> {run.get(k)!r}" for k in changed)
+        raise KadError(
+            f"{out_dir} holds results of a run with other settings ({detail}); "
+            "use another --out folder to keep both"
+        )
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with every NaN or infinite float replaced by None (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [jsonable(v) for v in value]
+    return value
+
+
+def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def _mean(values: Sequence[float]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def summarize(records: Sequence[dict[str, Any]], run: dict[str, Any], task: str) -> dict[str, Any]:
+    """Accuracy (mean per-example score) and the decoding statistics pooled over examples."""
+    stats = [r["stats"] for r in records if r.get("stats")]
+    drafted = sum(s.get("drafted") or 0 for s in stats)
+    accepted = sum(s.get("accepted") or 0 for s in stats)
+    tokens = sum(s["tokens"] for s in stats)
+    seconds = sum(r["seconds"] for r in records)
+
+    def mean_of(key: str) -> float | None:
+        return _mean([s[key] for s in stats if s.get(key) is not None])
+
+    return {
+        **run,
+        "task": task,
+        "n": len(records),
+        "correct": sum(bool(r["correct"]) for r in records),
+        "accuracy": _mean([float(r["score"]) for r in records]),
+        "deferral_rate": mean_of("deferral_rate"),
+        "mean_alpha": mean_of("mean_alpha"),
+        "mean_tv": mean_of("mean_tv"),
+        "acceptance": accepted / drafted if drafted else None,
+        "tokens_per_base_forward": mean_of("tokens_per_base_forward"),
+        "mean_tokens": tokens / len(stats) if stats else None,
+        "seconds": seconds,
+        "tokens_per_second": tokens / seconds if stats and seconds > 0 else None,
+    }
+
+
+def _generate_records(
+    aligner: Any, task: Task, batch: Sequence[tuple[str, Example]], rule: Rule, decoding: dict
+) -> list[dict[str, Any]]:
+    started = time.perf_counter()
+    outputs = aligner.generate(
+        [task.prompt(example) for _, example in batch], rule=rule, stop=list(task.stop), **decoding
+    )
+    seconds = (time.perf_counter() - started) / len(batch)
+    records = []
+    for (example_id, example), out in zip(batch, outputs, strict=True):
+        correct = task.score(out.text, example)
+        records.append(
+            {
+                "id": example_id,
+                "output": out.text,
+                "output_ids": out.token_ids,
+                "finish_reason": out.finish_reason,
+                "extracted": task.extract(out.text, example),
+                "gold": task.gold(example),
+                "correct": correct,
+                "score": float(correct),
+                "stats": out.stats.to_dict(),
+                "seconds": seconds,
+            }
+        )
+    return records
+
+
+def _likelihood_records(
+    aligner: Any, task: Any, batch: Sequence[tuple[str, Example]], rule: Rule
+) -> list[dict[str, Any]]:
+    """Score every answer of every example in one ``Aligner.score`` call."""
+    started = time.perf_counter()
+    prompts, continuations, spans = [], [], []
+    for _, example in batch:
+        answers, _ = task.choices(example)
+        spans.append((len(continuations), len(continuations) + len(answers)))
+        prompts += [task.prompt(example)] * len(answers)
+        continuations += answers
+    logprobs = aligner.score(prompts, continuations, rule=rule)
+    seconds = (time.perf_counter() - started) / len(batch)
+    records = []
+    for (example_id, example), (lo, hi) in zip(batch, spans, strict=True):
+        answers, labels = task.choices(example)
+        scores = logprobs[lo:hi]
+        best = max(range(len(scores)), key=scores.__getitem__)
+        records.append(
+            {
+                "id": example_id,
+                "output": answers[best].strip(),
+                "extracted": best,
+                "gold": task.gold(example),
+                "correct": bool(labels[best]),
+                "score": task.metric(scores, example),
+                "logprobs": scores,
+                "labels": labels,
+                "stats": None,
+                "seconds": seconds,
+            }
+        )
+    return records
+
+
+def _progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("acc {task.fields[accuracy]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        disable=not enabled,
+    )
+
+
+def run_eval(
+    aligner: Any,
+    task: Task,
+    rule: Rule,
+    out_dir: str | os.PathLike[str],
+    run: dict[str, Any],
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    decoding: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Evaluate ``task`` under ``rule``, appending to ``<out_dir>/<task>.jsonl``; returns and
+    writes the summary over the first ``limit`` examples.
+
+    ``run`` describes the method (models, rule, params, decoding: see ``IDENTITY_KEYS``);
+    ``decoding`` holds the keyword arguments for ``Aligner.generate``.
+    """
+    if batch_size < 1:
+        raise KadError(f"batch size must be >= 1, got {batch_size}")
+    if limit is not None and limit < 1:
+        raise KadError(f"limit must be >= 1, got {limit}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    check_run_file(out, run)
+    examples = [(task.example_id(ex, i), ex) for i, ex in enumerate(task.examples(data_dir, limit))]
+    if not examples:
+        raise KadError(f"task {task.name} has no examples")
+    path = out / f"{task.name}.jsonl"
+    done = {r["id"]: r for r in read_records(path)}
+    selected = {example_id for example_id, _ in examples}
+    kept = [r for r in done.values() if r["id"] in selected]
+    todo = [pair for pair in examples if pair[0] not in done]
+
+    def shown(records: Sequence[dict[str, Any]]) -> str:
+        accuracy = _mean([float(r["score"]) for r in records])
+        return "-" if accuracy is None else f"{accuracy:.3f}"
+
+    with _progress(progress) as bar, path.open("a", encoding="utf-8") as sink:
+        handle = bar.add_task(
+            task.name, total=len(examples), completed=len(kept), accuracy=shown(kept)
+        )
+        for batch in _batches(todo, batch_size):
+            if task.kind == "likelihood":
+                records = _likelihood_records(aligner, task, batch, rule)
+            else:
+                records = _generate_records(aligner, task, batch, rule, decoding or {})
+            for record in records:
+                sink.write(json.dumps(jsonable(record), ensure_ascii=False) + "\n")
+            sink.flush()
+            kept += [jsonable(r) for r in records]
+            bar.update(handle, advance=len(records), accuracy=shown(kept))
+    summary = summarize(kept, run, task.name)
+    (out / f"{task.name}{SUMMARY_SUFFIX}").write_text(
+        json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8"
+    )
+    return summary
