@@ -231,3 +231,16 @@ def test_padded_embedding_rows_are_dropped(tiny_aligner):
     """The Qwen2-style proxy has 7 more embedding rows than the tokenizer has tokens."""
     proxy_rows = tiny_aligner.members["proxy"].model.get_output_embeddings().weight.shape[0]
     assert tiny_aligner.vocab_size == len(tiny_aligner.tokenizer) == proxy_rows - 7
+
+
+def test_per_row_token_budgets(tiny_aligner):
+    both = tiny_aligner.generate(PROMPTS[:2], max_new_tokens=[3, 7])
+    assert [len(g.token_ids) for g in both] == [3, 7]
+    assert both[1].token_ids == tiny_aligner.generate(PROMPTS[1], max_new_tokens=7)[0].token_ids
+    with pytest.raises(kad.KadError, match="2 max_new_tokens values for 3 prompts"):
+        tiny_aligner.generate(PROMPTS, max_new_tokens=[3, 7])
+
+
+def test_the_proxy_base_runs_only_for_rules_that_need_it(tiny_aligner):
+    assert "proxy_base" not in tiny_aligner.start(PROMPTS[0], rule=kad.Dual()).runners
+    assert "proxy_base" in tiny_aligner.start(PROMPTS[0], rule=kad.ImplicitReward()).runners

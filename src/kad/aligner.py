@@ -146,8 +146,13 @@ class Aligner:
                     )
         return ids
 
-    def _runners(self) -> dict[str, ModelRunner]:
-        return {role: ModelRunner(m.model, self.vocab_size) for role, m in self.members.items()}
+    def _runners(self, rule: Rule) -> dict[str, ModelRunner]:
+        """A fresh KV cache per model the rule reads (q only for rules that need it)."""
+        return {
+            role: ModelRunner(m.model, self.vocab_size)
+            for role, m in self.members.items()
+            if role != "proxy_base" or rule.needs_proxy_base
+        }
 
     def _check_rule(self, rule: Rule | str) -> Rule:
         if isinstance(rule, str):
@@ -165,7 +170,7 @@ class Aligner:
         self,
         prompts: PromptLike | Sequence[PromptLike],
         rule: Rule | str | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | Sequence[int] = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -173,31 +178,28 @@ class Aligner:
         stop: str | Sequence[str] | None = None,
         speculative: int | str | None = None,
     ) -> DecodeSession:
-        """A step-wise decoding session over a batch of prompts (see `generate`)."""
+        """A step-wise decoding session over a batch of prompts (see `generate`).
+
+        ``max_new_tokens`` may also be one budget per prompt."""
         batch = _as_batch(prompts)
         if not batch:
             raise PromptError("no prompts were given")
         rule = self._check_rule(Dual() if rule is None else rule)
         warp = Warp(temperature=temperature, top_k=top_k, top_p=top_p)
-        if (
-            isinstance(max_new_tokens, bool)
-            or not isinstance(max_new_tokens, int)
-            or max_new_tokens < 1
-        ):
-            raise KadError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
+        limits = _budgets(max_new_tokens, len(batch))
         stops = [stop] if isinstance(stop, str) else list(stop or [])
         seeds = _seeds(seed, len(batch))
         with torch.inference_mode():
             prompt_ids = self.encode_prompts(batch)
+            runners = self._runners(rule)
             budgets = [
                 min(
-                    [max_new_tokens]
-                    + [self.members[r].context - len(prompt_ids[r][i]) for r in prompt_ids]
+                    [limits[i]] + [self.members[r].context - len(prompt_ids[r][i]) for r in runners]
                 )
                 for i in range(len(batch))
             ]
             return DecodeSession(
-                self._runners(),
+                runners,
                 prompt_ids,
                 rule=rule,
                 warp=warp,
@@ -213,7 +215,7 @@ class Aligner:
         self,
         prompts: PromptLike | Sequence[PromptLike],
         rule: Rule | str | None = None,
-        max_new_tokens: int = 256,
+        max_new_tokens: int | Sequence[int] = 256,
         temperature: float = 0.0,
         top_p: float = 1.0,
         top_k: int = 0,
@@ -277,7 +279,7 @@ class Aligner:
                 targets[i, : len(ids)] = torch.tensor(ids)
                 valid[i, : len(ids)] = True
             dists = {}
-            for role, runner in self._runners().items():
+            for role, runner in self._runners(rule).items():
                 last = runner.prefill(prompt_ids[role])
                 inputs = torch.cat([last.cpu().unsqueeze(-1), targets[:, :-1]], dim=-1)
                 dists[role] = runner.forward(inputs).exp().cpu()  # [B, n, V]
@@ -294,6 +296,17 @@ def _as_batch(prompts: Any) -> list[PromptLike]:
     if prompts and all(isinstance(m, dict) for m in prompts):
         return [prompts]  # one chat
     return prompts
+
+
+def _budgets(max_new_tokens: int | Sequence[int], batch: int) -> list[int]:
+    """One token budget per row, each an integer >= 1."""
+    limits = [max_new_tokens] * batch if isinstance(max_new_tokens, int) else list(max_new_tokens)
+    if len(limits) != batch:
+        raise KadError(f"{len(limits)} max_new_tokens values for {batch} prompts")
+    for value in limits:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise KadError(f"max_new_tokens must be an integer >= 1, got {value!r}")
+    return limits
 
 
 def _seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:

@@ -220,9 +220,11 @@ def _register_module_commands() -> None:
     app.command("eval")(exits_on_bad_input(eval_command))
     app.command("sweep")(exits_on_bad_input(sweep_command))
     app.command("report")(exits_on_bad_input(report_command))
-    app.command("lm-eval", context_settings=LM_EVAL_CONTEXT, add_help_option=False)(
-        lm_eval_command
-    )
+    app.command("lm-eval", context_settings=LM_EVAL_CONTEXT, add_help_option=False)(lm_eval_command)
+
+    from kad.server import serve_command
+
+    app.command("serve")(exits_on_bad_input(serve_command))
 
 
 _register_module_commands()

@@ -1,0 +1,407 @@
+"""`kad serve`: a real uvicorn on 127.0.0.1 serving the tiny model family, driven by the official
+`openai` client, raw HTTP and schemathesis. References come from a second `Aligner` (the
+`tiny_aligner` fixture) decoding each request alone."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import SimpleNamespace
+from typing import Any
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from hypothesis import HealthCheck, given, settings
+
+import kad
+from kad.server import KadOptions, RuleRouter, create_app, resolve_rule
+
+PROMPT = "Tom has 3 apples"
+CHAT = [
+    {"role": "system", "content": "You answer briefly."},
+    {"role": "user", "content": "What is 7 times 6?"},
+]
+
+
+class RecordingAligner:
+    """The real aligner, keeping every session it starts (to see what the server cancelled)."""
+
+    def __init__(self, aligner: Any) -> None:
+        self.aligner = aligner
+        self.sessions: list[Any] = []
+
+    def encode_prompts(self, prompts: Any) -> dict[str, list[list[int]]]:
+        return self.aligner.encode_prompts(prompts)
+
+    def start(self, prompts: Any, **kwargs: Any) -> Any:
+        session = self.aligner.start(prompts, **kwargs)
+        self.sessions.append(session)
+        return session
+
+
+@contextmanager
+def serving(app: Any) -> Iterator[str]:
+    """Run `app` under uvicorn on a free loopback port in a thread; yield its base URL."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.02)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=30)
+        sock.close()
+
+
+@pytest.fixture(scope="module")
+def served(tiny_dirs: SimpleNamespace) -> Iterator[SimpleNamespace]:
+    full = kad.Aligner.from_pretrained(
+        str(tiny_dirs.base), str(tiny_dirs.proxy), str(tiny_dirs.proxy_base)
+    )
+    aligner = RecordingAligner(RuleRouter(full))  # what create_app(full) builds, recorded
+    app = create_app(aligner, max_batch=16)
+    with serving(app) as url:
+        yield SimpleNamespace(url=url, aligner=aligner, scheduler=app.state.scheduler)
+
+
+@pytest.fixture(scope="module")
+def client(served: SimpleNamespace) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+
+
+def alone(aligner: kad.Aligner, prompt: Any, **kwargs: Any) -> kad.Generation:
+    """The same request decoded alone, in a batch of one."""
+    return aligner.generate([prompt], **kwargs)[0]
+
+
+def test_models_and_health(served: SimpleNamespace, client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == ["kad"]
+    assert client.models.retrieve("kad").id == "kad"
+    health = httpx.get(f"{served.url}/health").json()
+    assert health["status"] == "ok" and health["max_batch"] == 16
+
+
+def test_completion_equals_generate(client: openai.OpenAI, tiny_aligner: kad.Aligner) -> None:
+    response = client.completions.create(model="kad", prompt=PROMPT, max_tokens=12, temperature=0)
+    expected = alone(tiny_aligner, PROMPT, max_new_tokens=12)
+    (choice,) = response.choices
+    assert choice.text == expected.text
+    assert choice.finish_reason == expected.finish_reason
+    assert response.usage.completion_tokens == len(expected.token_ids)
+    prompt_ids = tiny_aligner.encode_prompts([PROMPT])["proxy"][0]
+    assert response.usage.prompt_tokens == len(prompt_ids)
+    stats = response.model_extra["kad"]
+    assert stats["rule"] == "dual" and stats["lam"] == pytest.approx(0.4)
+    assert stats["deferral_rate"] == pytest.approx(expected.stats.deferral_rate)
+    assert stats["mean_alpha"] == pytest.approx(expected.stats.mean_alpha)
+
+
+def test_chat_with_kad_parameters(client: openai.OpenAI, tiny_aligner: kad.Aligner) -> None:
+    response = client.chat.completions.create(
+        model="kad",
+        messages=CHAT,
+        max_tokens=10,
+        temperature=0,
+        extra_body={"kad": {"rule": "primal", "budget": 0.5, "speculative": 3}},
+    )
+    expected = alone(tiny_aligner, CHAT, rule=kad.Primal(budget=0.5), max_new_tokens=10)
+    assert response.choices[0].message.role == "assistant"
+    assert response.choices[0].message.content == expected.text
+    stats = response.model_extra["kad"]
+    assert stats["rule"] == "primal" and stats["budget"] == 0.5 and stats["speculative"] == 3
+    assert stats["acceptance"] is not None  # speculative decoding reports its acceptance
+    assert 0.0 <= stats["mean_alpha"] <= 0.5
+
+
+def test_implicit_reward_reads_the_proxy_base(
+    client: openai.OpenAI, tiny_aligner: kad.Aligner
+) -> None:
+    response = client.completions.create(
+        model="kad",
+        prompt=PROMPT,
+        max_tokens=8,
+        temperature=0,
+        extra_body={"kad": {"rule": "implicit-reward", "beta": 0.5}},
+    )
+    expected = alone(tiny_aligner, PROMPT, rule=kad.ImplicitReward(beta=0.5), max_new_tokens=8)
+    assert response.choices[0].text == expected.text
+    assert response.model_extra["kad"]["mean_alpha"] is None  # the rule has no α
+
+
+def test_sampling_with_seed_and_n(client: openai.OpenAI, tiny_aligner: kad.Aligner) -> None:
+    def sample() -> list[str]:
+        response = client.completions.create(
+            model="kad", prompt=PROMPT, max_tokens=8, temperature=1.0, top_p=0.9, seed=7, n=3
+        )
+        assert [c.index for c in response.choices] == [0, 1, 2]
+        return [c.text for c in response.choices]
+
+    first = sample()
+    assert sample() == first  # a seed makes sampling reproducible whatever runs beside it
+    expected = alone(tiny_aligner, PROMPT, max_new_tokens=8, temperature=1.0, top_p=0.9, seed=7)
+    assert first[0] == expected.text
+
+
+def test_prompt_list_and_stop(client: openai.OpenAI, tiny_aligner: kad.Aligner) -> None:
+    prompts = [PROMPT, "Hello world"]
+    full = [alone(tiny_aligner, p, max_new_tokens=12).text for p in prompts]
+    pairs = (full[0][i : i + 2] for i in range(1, len(full[0]) - 1))
+    stop = next(pair for pair in pairs if pair.isascii() and pair.isalpha())
+    response = client.completions.create(
+        model="kad", prompt=prompts, max_tokens=12, temperature=0, n=2, stop=[stop]
+    )
+    texts = [c.text for c in response.choices]
+    expected = [alone(tiny_aligner, p, max_new_tokens=12, stop=[stop]).text for p in prompts]
+    assert texts == [expected[0], expected[0], expected[1], expected[1]]
+    assert stop not in texts[0] and texts[0] == full[0][: full[0].index(stop)]
+
+
+def test_streaming_completion_and_chat(client: openai.OpenAI) -> None:
+    whole = client.completions.create(model="kad", prompt=PROMPT, max_tokens=12, temperature=0)
+    chunks = list(
+        client.completions.create(
+            model="kad", prompt=PROMPT, max_tokens=12, temperature=0, stream=True
+        )
+    )
+    assert "".join(c.choices[0].text for c in chunks) == whole.choices[0].text
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+    assert chunks[-1].choices[0].model_extra["kad"]["tokens"] == whole.usage.completion_tokens
+
+    chat = client.chat.completions.create(model="kad", messages=CHAT, max_tokens=10, temperature=0)
+    stream = client.chat.completions.create(
+        model="kad",
+        messages=CHAT,
+        max_tokens=10,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    parts = list(stream)
+    content = [p.choices[0].delta.content or "" for p in parts if p.choices]
+    assert "".join(content) == chat.choices[0].message.content
+    assert parts[0].choices[0].delta.role == "assistant"
+    assert parts[-1].choices == [] and parts[-1].usage == chat.usage
+    assert parts[-1].model_extra["kad"]["mean_alpha"] == chat.model_extra["kad"]["mean_alpha"]
+
+
+def test_stream_is_server_sent_events_ending_with_done(served: SimpleNamespace) -> None:
+    body = {"model": "kad", "prompt": PROMPT, "max_tokens": 4, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
+
+
+def test_64_concurrent_greedy_clients_equal_requests_run_alone(
+    served: SimpleNamespace, tiny_aligner: kad.Aligner
+) -> None:
+    """Mixed completions/chats, max_tokens and speculation (separate batches); none lost."""
+    requests = []
+    for i in range(64):
+        kad_opts = {"speculative": 2} if i % 3 == 0 else {}
+        max_tokens = 6 if i % 2 else 8
+        if i % 4 == 1:
+            messages = [{"role": "user", "content": f"Question {i}: what is {i} times 6?"}]
+            requests.append(("chat", messages, max_tokens, kad_opts))
+        else:
+            requests.append(("text", f"Tom has {i} apples and buys", max_tokens, kad_opts))
+
+    async def run_all() -> list[str]:
+        client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
+
+        async def one(kind: str, prompt: Any, max_tokens: int, kad_opts: dict) -> str:
+            extra = {"kad": kad_opts}
+            if kind == "chat":
+                r = await client.chat.completions.create(
+                    model="kad",
+                    messages=prompt,
+                    max_tokens=max_tokens,
+                    temperature=0,
+                    extra_body=extra,
+                )
+                return r.choices[0].message.content
+            r = await client.completions.create(
+                model="kad", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra
+            )
+            return r.choices[0].text
+
+        async with client:
+            return await asyncio.gather(*(one(*r) for r in requests))
+
+    answers = asyncio.run(run_all())
+    assert len(answers) == 64
+    for (_, prompt, max_tokens, _), answer in zip(requests, answers, strict=True):
+        assert answer == alone(tiny_aligner, prompt, max_new_tokens=max_tokens).text
+    load = served.scheduler.load()
+    assert 1 < load["peak_rows"] <= 16  # they were batched, within --max-batch
+    assert load["running_rows"] == 0 and load["waiting_requests"] == 0
+
+
+def test_disconnect_mid_stream_frees_the_slot(served: SimpleNamespace) -> None:
+    body = {"model": "kad", "prompt": "Hello world", "max_tokens": 200, "stream": True}
+    with httpx.stream("POST", f"{served.url}/v1/completions", json=body) as response:
+        first = next(line for line in response.iter_lines() if line)
+        assert first.startswith("data: ")
+        session = served.aligner.sessions[-1]
+    deadline = time.monotonic() + 10
+    while served.scheduler.load()["running_rows"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert served.scheduler.load()["running_rows"] == 0
+    (generation,) = session.results()
+    assert generation.finish_reason == "cancelled" and len(generation.token_ids) < 200
+    answer = httpx.post(
+        f"{served.url}/v1/completions", json={"model": "kad", "prompt": PROMPT, "max_tokens": 2}
+    )
+    assert answer.status_code == 200  # the server goes on serving
+
+
+@pytest.mark.parametrize(
+    ("default", "options", "expected"),
+    [
+        (kad.Dual(lam=0.3), {}, kad.Dual(lam=0.3)),
+        (kad.Dual(lam=0.3), {"lam": 0.2}, kad.Dual(lam=0.2)),
+        (kad.Dual(lam=0.3), {"loss": "margin", "mu": 0.1}, kad.Dual(loss="margin", mu=0.1)),
+        (kad.Dual(lam=0.3), {"rule": "primal"}, kad.Primal(budget=0.9)),
+        (kad.Primal(budget=0.7), {"loss": "squared"}, kad.Primal(budget=0.7, loss="squared")),
+        (kad.Primal(budget=0.7), {"rule": "nudging", "lam": 0.2}, kad.Nudging(lam=0.2)),
+        (kad.Nudging(lam=0.2), {"rule": "implicit_reward"}, kad.ImplicitReward()),
+    ],
+)
+def test_request_rule_overrides_only_what_it_names(
+    default: kad.Rule, options: dict, expected: kad.Rule
+) -> None:
+    assert resolve_rule(default, KadOptions(**options)) == expected
+
+
+def _error(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    return error
+
+
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        ({"model": "kad", "prompt": PROMPT, "temperature": 3}, "temperature"),
+        ({"model": "kad", "prompt": PROMPT, "n": 17}, "n"),
+        ({"model": "kad", "prompt": [PROMPT] * 9, "n": 2}, "n"),
+        ({"model": "kad", "prompt": PROMPT, "max_tokens": 0}, "max_tokens"),
+        ({"model": "kad", "prompt": PROMPT, "logprobs": 2}, "logprobs"),
+        ({"model": "kad", "prompt": PROMPT, "kad": {"rule": "primal", "lam": 0.3}}, "kad"),
+        ({"model": "kad", "prompt": PROMPT, "kad": {"rule": "knapsack"}}, "kad.rule"),
+        ({"model": "kad", "prompt": PROMPT, "kad": {"budget": 2}}, "kad.budget"),
+        ({"model": "kad", "prompt": ""}, "prompt"),
+        ({"model": "kad"}, "prompt"),
+    ],
+)
+def test_invalid_parameters_are_400(served: SimpleNamespace, body: dict, param: str) -> None:
+    error = _error(httpx.post(f"{served.url}/v1/completions", json=body), 400)
+    assert error["type"] == "invalid_request_error" and error["param"] == param
+
+
+def test_malformed_json_and_unknown_model(served: SimpleNamespace, client: openai.OpenAI) -> None:
+    for content in ('{"model": "kad", "prompt": ', "[1, 2]", "null"):
+        raw = httpx.post(
+            f"{served.url}/v1/chat/completions",
+            content=content,
+            headers={"content-type": "application/json"},
+        )
+        _error(raw, 400)
+    with pytest.raises(openai.NotFoundError) as caught:
+        client.completions.create(model="gpt-4", prompt=PROMPT, max_tokens=2)
+    assert caught.value.code == "model_not_found"
+    _error(httpx.get(f"{served.url}/v1/models/gpt-4"), 404)
+
+
+def test_prompt_over_the_context_is_400_even_when_streaming(client: openai.OpenAI) -> None:
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.completions.create(
+                model="kad", prompt="Tom has apples. " * 200, max_tokens=2, stream=stream
+            )
+        assert caught.value.code == "context_length_exceeded"
+        assert "context" in caught.value.message
+
+
+def test_schemathesis_finds_no_server_error(served: SimpleNamespace) -> None:
+    """Property-based requests from the server's own OpenAPI schema (valid and invalid ones)
+    never get a 5xx. Requests name the served model (others are a 404) and stay small: at
+    most 4 tokens and 2 choices."""
+    import schemathesis
+    from schemathesis import GenerationMode
+
+    raw = httpx.get(f"{served.url}/openapi.json").json()
+    for name in ("CompletionRequest", "ChatCompletionRequest"):
+        props = raw["components"]["schemas"][name]["properties"]
+        for field in ("max_tokens", "max_completion_tokens"):
+            if field in props:
+                props[field] = {"type": "integer", "minimum": 1, "maximum": 4}
+        props["n"] = {"type": "integer", "minimum": 1, "maximum": 2}
+        props["model"] = {"type": "string", "enum": ["kad"]}  # other names are a plain 404
+    schema = schemathesis.openapi.from_dict(raw)
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        modes = [GenerationMode.POSITIVE]
+        if operation.method.upper() == "POST":  # only bodies can be invalid
+            modes.append(GenerationMode.NEGATIVE)
+        for mode in modes:
+
+            @settings(
+                max_examples=12,
+                deadline=None,
+                database=None,
+                suppress_health_check=list(HealthCheck),
+            )
+            @given(case=operation.as_strategy(generation_mode=mode))
+            def check(case: Any) -> None:
+                response = case.call(base_url=served.url, timeout=60)
+                assert response.status_code < 500, (case.as_curl_command(), response.text)
+
+            check()
+
+
+def test_serve_command_rejects_half_a_pair_before_loading() -> None:
+    from kad.server import serve_command
+
+    with pytest.raises(kad.KadError, match="both --base and --proxy"):
+        serve_command(base="some/base", proxy=None)
+
+
+def test_builtin_pair_serves_chat_and_streams() -> None:
+    """`kad serve` without --base/--proxy: the built-in pair, as the README shows it."""
+    from kad.server import load_aligner
+
+    try:
+        reference = load_aligner(None, None)
+    except kad.ModelNotFoundError:
+        pytest.skip("the built-in pair is not built")
+    from kad.world import heldout_problems
+
+    messages = [{"role": "user", "content": str(heldout_problems(1, "dev")[0]["question"])}]
+    expected = alone(reference, messages, max_new_tokens=48)
+    with serving(create_app(load_aligner(None, None))) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        response = client.chat.completions.create(
+            model="kad", messages=messages, max_tokens=48, temperature=0
+        )
+        stream = client.chat.completions.create(
+            model="kad", messages=messages, max_tokens=48, temperature=0, stream=True
+        )
+        streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+    assert response.choices[0].message.content == expected.text == streamed
