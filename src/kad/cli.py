@@ -225,6 +225,9 @@ def _register_module_commands() -> None:
     from kad.server import serve_command
 
     app.command("serve")(exits_on_bad_input(serve_command))
+    from kad.bench import bench_command
+
+    app.command("bench")(exits_on_bad_input(bench_command))
 
 
 _register_module_commands()

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# The GPU benchmark of issue 6, in one call of the device tool. Results go to $OUT:
+# <stage>.json (all numbers) and <stage>.log (the rich tables); the targets table prints last.
+#
+#   scripts/gpu_bench.sh smoke    fp32 correctness check + a short llama3-8b run (B=1)
+#   scripts/gpu_bench.sh main     fp32 correctness check + the llama3 pair below
+#   scripts/gpu_bench.sh final    olmo2 pair at batches 1, 32; llama3 at batch 1; kernel profiles
+#   scripts/gpu_bench.sh llama3   llama3-8b + llama3.2-1b, batches 1, 8, 32
+#   scripts/gpu_bench.sh olmo2    olmo2-13b + olmo2-1b
+#   scripts/gpu_bench.sh qwen3    qwen3-14b + qwen3-1.7b
+set -euo pipefail
+stage=${1:-smoke}
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 \
+  TOKENIZERS_PARALLELISM=false
+python3 -c 'import torch, transformers, triton; print("torch", torch.__version__, "transformers",
+  transformers.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
+  --format=csv,noheader || true
+
+bench() {  # bench NAME ARGS...: `kad bench ARGS --out $OUT/NAME.json`, tables to NAME.log
+  local name=$1
+  shift
+  python3 -c 'import sys, typer; from kad.bench import bench_command
+sys.argv[0] = "kad bench"; typer.run(bench_command)' "$@" --out "$OUT/$name.json" 2>&1 |
+    tee "$OUT/$name.log"
+}
+
+case $stage in
+  smoke)
+    python3 scripts/gpu_check.py llama3.2-1b 2>&1 | tee "$OUT/check.log"
+    bench smoke --random-init llama3-8b --batch 1 --new-tokens 64 --gammas 1,4 \
+      --assisted-gammas 2 --repeats 1
+    ;;
+  main)  # the fp32 check, then the llama3 pair
+    python3 scripts/gpu_check.py llama3.2-1b 2>&1 | tee "$OUT/check.log"
+    bench llama3 --random-init llama3-8b --batch 1,8,32 --repeats "${REPEATS:-2}" \
+      --assisted-gammas "${ASSISTED:-2,4}"
+    ;;
+  final)  # the olmo2 pair (batches 1 and 32), then llama3 at batch 1 again, with profiles
+    bench olmo2 --random-init olmo2-13b --batch 1,32 --repeats 2 --assisted-gammas 4 --profile
+    bench llama3_b1 --random-init llama3-8b --batch 1 --repeats 3 --assisted-gammas 4 \
+      --no-transformers --no-check --profile
+    ;;
+  llama3 | olmo2 | qwen3)
+    preset=$(case $stage in llama3) echo llama3-8b ;; olmo2) echo olmo2-13b ;; qwen3) echo qwen3-14b ;; esac)
+    bench "$stage" --random-init "$preset" --batch 1,8,32 --repeats "${REPEATS:-3}" \
+      --assisted-gammas "${ASSISTED:-2,4}"
+    ;;
+  *)
+    echo "unknown stage $stage" >&2
+    exit 2
+    ;;
+esac

@@ -1,0 +1,125 @@
+"""CUDA graphs and the compiled layer: launching a whole decoding step as one graph replay.
+
+A graph records the kernels of one call of a function on fixed buffers; a replay reruns them with
+no Python and no per-kernel launch cost. Everything a graph reads or writes across replays must
+live at a fixed address: the runners' state is updated in place for that reason. The graphs of a
+runner share one memory pool (a runner takes a fresh pool whenever it drops graphs: a pool whose
+graphs are all gone cannot be captured into again); what a replay returns may be overwritten by
+the next replay of a graph of the same pool, so callers copy out what they keep first.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from kad.fast.llama import layer_forward
+
+_COMPILED: dict[str, Callable] = {}
+
+
+class Graph:
+    """``fn`` captured once as a CUDA graph; `replay()` reruns it and returns its outputs.
+
+    ``warmup`` runs first on a side stream, outside the capture: it must compile and load every
+    kernel ``fn`` launches, and leave the state as it found it. ``pool``: a memory pool handle
+    shared with other graphs that never run concurrently (None: a private pool).
+    """
+
+    def __init__(
+        self,
+        fn: Callable[[], Any],
+        warmup: Callable[[], None],
+        device: torch.device,
+        inputs: Any = None,
+        pool: Any = None,
+    ) -> None:
+        self.inputs = inputs  # the buffers fn reads: fill them before a replay
+        current = torch.cuda.current_stream(device)
+        side = torch.cuda.Stream(device)
+        side.wait_stream(current)
+        with torch.cuda.stream(side):
+            warmup()
+        current.wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.outputs = fn()
+
+    def replay(self) -> Any:
+        self.graph.replay()
+        return self.outputs
+
+
+@contextmanager
+def restored(tensors: Iterable[torch.Tensor]):
+    """Put these tensors back as they were on exit (for warm-up runs that mutate state)."""
+    tensors = list(tensors)
+    saved = [t.clone() for t in tensors]
+    try:
+        yield
+    finally:
+        for tensor, value in zip(tensors, saved, strict=True):
+            tensor.copy_(value)
+
+
+def compiled_layer() -> Callable:
+    """`layer_forward` compiled by Inductor (fused norms, RoPE, softmax), compiled once per
+    (model shapes, batch 1 or more, tokens 1 or more): batch and token counts are dynamic, model
+    dimensions static. Recompilation limits are raised for the several models of a family."""
+    if "layer" not in _COMPILED:
+        config = torch._dynamo.config
+        for name in ("recompile_limit", "cache_size_limit", "accumulated_cache_size_limit"):
+            if hasattr(config, name):
+                setattr(config, name, max(getattr(config, name), 256))
+        _COMPILED["layer"] = torch.compile(layer_forward, dynamic=None, fullgraph=True)
+    return _COMPILED["layer"]
+
+
+def mark_step_dynamic(
+    x: torch.Tensor,
+    caches: Iterable[torch.Tensor],
+    slots: torch.Tensor,
+    rope: Iterable[torch.Tensor],
+    mask: torch.Tensor,
+) -> None:
+    """Mark the batch and token dimensions of a step's inputs dynamic (the rest stays static)."""
+    mark = torch._dynamo.maybe_mark_dynamic
+    mark(x, 0)
+    mark(x, 1)
+    for cache in caches:
+        mark(cache, 0)
+    mark(slots, 0)
+    for table in rope:
+        mark(table, 0)
+        mark(table, 2)
+    mark(mask, 0)
+    mark(mask, 3)
+
+
+def static_shapes():
+    """Compile with only the marked dimensions dynamic: never generalise a model's dimensions
+    because another model of other sizes ran through the same function."""
+    return torch._dynamo.config.patch(automatic_dynamic_shapes=False)
+
+
+def seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 20) -> float:
+    """Median wall time of ``fn()`` in seconds: CUDA events on a GPU, the host clock on a CPU."""
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            fn()
+            end.record()
+            end.synchronize()
+            times.append(start.elapsed_time(end) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]

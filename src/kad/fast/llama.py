@@ -1,0 +1,237 @@
+"""A compact forward for Llama-family models over a static KV cache.
+
+It computes what the transformers model computes, from the transformers model's own weights (no
+copy), for the decoder shapes of Llama (and SmolLM2, Llama 3.x), Qwen2, Qwen3 and OLMo2:
+
+- RMSNorm ``w · x / √(mean(x²) + ε)`` (OLMo2 multiplies in float32 before the cast back);
+- attention with grouped KV heads (GQA), rotary positions (RoPE, the model's own tables), and
+  per-head (Qwen3) or whole-projection (OLMo2) RMSNorm of queries and keys;
+- a SwiGLU MLP ``down(silu(gate(x)) · up(x))``;
+- pre-norm residual blocks, or OLMo2's norm-after blocks ``x + norm(f(x))``.
+
+The KV cache of one layer is a tensor ``[B, Hkv, S, D]`` indexed by slot: a step writes its keys
+and values at slots ``slots`` and attends to the slots that ``mask`` marks visible. Everything is
+a pure tensor function of its arguments (no module calls), so one compiled graph serves every
+layer of a model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+SUPPORTED_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "olmo2")
+# RoPE variants whose tables depend on the position only (not on the sequence length).
+STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
+
+
+@dataclass(frozen=True)
+class Arch:
+    """The static facts of a decoder layer."""
+
+    heads: int
+    kv_heads: int
+    head_dim: int
+    eps: float
+    post_norm: bool  # OLMo2: x + norm(attn(x)), x + norm(mlp(x))
+    qk_norm: str | None  # "head" (Qwen3), "full" (OLMo2) or None
+    weight_first: bool  # RMSNorm multiplies by w in float32, then casts (OLMo2)
+
+
+class Linear(NamedTuple):
+    weight: torch.Tensor  # [out, in]
+    bias: torch.Tensor | None
+
+
+class Layer(NamedTuple):
+    """One decoder layer's tensors. norm_attn/norm_mlp are the input and post-attention norms
+    of pre-norm models, and the post-attention and post-feed-forward norms of OLMo2."""
+
+    q: Linear
+    k: Linear
+    v: Linear
+    o: Linear
+    gate: Linear
+    up: Linear
+    down: Linear
+    norm_attn: torch.Tensor
+    norm_mlp: torch.Tensor
+    q_norm: torch.Tensor | None
+    k_norm: torch.Tensor | None
+
+
+def unsupported_reason(model: PreTrainedModel) -> str | None:
+    """Why the compact forward cannot run this model, or None if it can."""
+    config = model.config
+    kind = getattr(config, "model_type", None)
+    if kind not in SUPPORTED_TYPES:
+        return f"architecture {kind!r} is not one of {', '.join(SUPPORTED_TYPES)}"
+    if getattr(config, "hidden_act", "silu") != "silu":
+        return f"activation {config.hidden_act!r} is not silu"
+    if getattr(config, "use_sliding_window", False):
+        return "sliding-window attention"
+    rope = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in STATIC_ROPE_TYPES:
+        return f"RoPE type {rope_type!r} depends on the sequence length"
+    if getattr(getattr(model, "model", None), "rotary_emb", None) is None:
+        return "the model has no rotary embedding module"
+    return None
+
+
+def _linear(module: torch.nn.Module) -> Linear:
+    bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
+    return Linear(module.weight.detach(), bias)
+
+
+def _weight(module: torch.nn.Module | None) -> torch.Tensor | None:
+    return None if module is None else module.weight.detach()
+
+
+class LlamaFamily:
+    """The tensors of a transformers Llama-family model, read by the functions below."""
+
+    def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
+        reason = unsupported_reason(model)
+        if reason is not None:
+            raise ValueError(f"the static-cache forward cannot run this model: {reason}")
+        config = model.config
+        decoder = model.model
+        first = decoder.layers[0].self_attn
+        post_norm = config.model_type == "olmo2"
+        qk = {"qwen3": "head", "olmo2": "full"}.get(config.model_type)
+        self.arch = Arch(
+            heads=config.num_attention_heads,
+            kv_heads=config.num_key_value_heads,
+            head_dim=first.head_dim,
+            eps=float(config.rms_norm_eps),
+            post_norm=post_norm,
+            qk_norm=qk,
+            weight_first=post_norm,
+        )
+        self.layers = [
+            Layer(
+                q=_linear(block.self_attn.q_proj),
+                k=_linear(block.self_attn.k_proj),
+                v=_linear(block.self_attn.v_proj),
+                o=_linear(block.self_attn.o_proj),
+                gate=_linear(block.mlp.gate_proj),
+                up=_linear(block.mlp.up_proj),
+                down=_linear(block.mlp.down_proj),
+                norm_attn=_weight(
+                    block.post_attention_layernorm if post_norm else block.input_layernorm
+                ),
+                norm_mlp=_weight(
+                    block.post_feedforward_layernorm
+                    if post_norm
+                    else block.post_attention_layernorm
+                ),
+                q_norm=_weight(getattr(block.self_attn, "q_norm", None)),
+                k_norm=_weight(getattr(block.self_attn, "k_norm", None)),
+            )
+            for block in decoder.layers
+        ]
+        self.embed = model.get_input_embeddings().weight.detach()  # [V_model, E]
+        self.norm = decoder.norm.weight.detach()  # [E]
+        self.head = model.get_output_embeddings().weight.detach()[:vocab_size]  # [V, E] view
+        self.rotary = decoder.rotary_emb
+        self.dtype = self.embed.dtype
+        self.device = self.embed.device
+
+    def rope_tables(self, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin ``[length, D]`` for positions 0..length-1, from the model's own RoPE module
+        (so every RoPE variant and dtype convention matches the model's)."""
+        probe = torch.zeros(1, 1, dtype=self.dtype, device=self.device)
+        positions = torch.arange(length, device=self.device).unsqueeze(0)
+        cos, sin = self.rotary(probe, positions)
+        return cos[0], sin[0]
+
+    def kv_shape(self, batch: int, slots: int) -> tuple[int, int, int, int]:
+        return (batch, self.arch.kv_heads, slots, self.arch.head_dim)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bool) -> torch.Tensor:
+    """w · x / √(mean(x²) + ε) over the last dim, in float32; cast back before (Llama) or after
+    (OLMo2) the multiplication by w."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    if weight_first:
+        return (weight * h).to(x.dtype)
+    return weight * h.to(x.dtype)
+
+
+def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
+    return F.linear(x, layer.weight, layer.bias)
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x · cos + rotate_half(x) · sin; x ``[B, h, n, D]``, cos/sin ``[B, 1, n, D]``."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+def attend(
+    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """softmax(q kᵀ / √D, masked) v with grouped KV heads, without repeating the cache.
+
+    q ``[B, H, n, D]``; k_cache, v_cache ``[B, Hkv, S, D]``; mask ``[B, 1, 1, n, S]`` (True =
+    visible). Query head h reads KV head h // (H / Hkv), as transformers' repeat_kv does.
+    Returns ``[B, n, H·D]``.
+    """
+    batch, heads, n, dim = q.shape
+    kv_heads, slots = k_cache.shape[1], k_cache.shape[2]
+    group = heads // kv_heads
+    grouped = q.reshape(batch, kv_heads, group * n, dim)
+    scores = torch.matmul(grouped, k_cache.transpose(-1, -2)) * dim**-0.5  # [B, Hkv, g·n, S]
+    scores = scores.view(batch, kv_heads, group, n, slots).masked_fill(~mask, -torch.inf)
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+    out = torch.matmul(probs.view(batch, kv_heads, group * n, slots), v_cache)  # [B, Hkv, g·n, D]
+    return out.view(batch, heads, n, dim).transpose(1, 2).reshape(batch, n, heads * dim)
+
+
+def layer_forward(
+    x: torch.Tensor,
+    w: Layer,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slots: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    mask: torch.Tensor,
+    arch: Arch,
+) -> torch.Tensor:
+    """One decoder layer: x ``[B, n, E]`` -> ``[B, n, E]``.
+
+    Writes this step's keys and values into k_cache/v_cache ``[B, Hkv, S, D]`` at ``slots``
+    ``[n]``, then attends over the slots that ``mask`` ``[B, 1, 1, n, S]`` shows.
+    cos/sin ``[B, 1, n, D]`` are the RoPE tables at each token's position.
+    """
+    batch, n, _ = x.shape
+    eps, wf = arch.eps, arch.weight_first
+    h = x if arch.post_norm else rms_norm(x, w.norm_attn, eps, wf)
+    q, k, v = linear(h, w.q), linear(h, w.k), linear(h, w.v)
+    if arch.qk_norm == "full":
+        q, k = rms_norm(q, w.q_norm, eps, wf), rms_norm(k, w.k_norm, eps, wf)
+    q = q.view(batch, n, arch.heads, arch.head_dim)
+    k = k.view(batch, n, arch.kv_heads, arch.head_dim)
+    v = v.view(batch, n, arch.kv_heads, arch.head_dim)
+    if arch.qk_norm == "head":
+        q, k = rms_norm(q, w.q_norm, eps, wf), rms_norm(k, w.k_norm, eps, wf)
+    q = rope(q.transpose(1, 2), cos, sin)  # [B, H, n, D]
+    k = rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, n, D]
+    k_cache[:, :, slots] = k
+    v_cache[:, :, slots] = v.transpose(1, 2)
+    attn = linear(attend(q, k_cache, v_cache, mask), w.o)
+    if arch.post_norm:
+        x = x + rms_norm(attn, w.norm_attn, eps, wf)
+        mlp = linear(F.silu(linear(x, w.gate)) * linear(x, w.up), w.down)
+        return x + rms_norm(mlp, w.norm_mlp, eps, wf)
+    x = x + attn
+    h = rms_norm(x, w.norm_mlp, eps, wf)
+    return x + linear(F.silu(linear(h, w.gate)) * linear(h, w.up), w.down)

@@ -1,0 +1,154 @@
+"""Built-in configs of real architectures, for benchmarks with random weights (no download).
+
+Each preset is the published config.json of the model (hidden sizes, heads, vocabulary, RoPE), so
+a random-weight model has exactly the real one's shapes, bytes and speed. ``PAIRS`` names the
+family's small model used as the proxy of each large one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+from kad.errors import KadError
+
+_LLAMA3_ROPE = {
+    "factor": 32.0,
+    "high_freq_factor": 4.0,
+    "low_freq_factor": 1.0,
+    "original_max_position_embeddings": 8192,
+    "rope_type": "llama3",
+}
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # meta-llama/Meta-Llama-3-8B
+    "llama3-8b": dict(
+        model_type="llama",
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    # meta-llama/Llama-3.2-1B
+    "llama3.2-1b": dict(
+        model_type="llama",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rope_scaling=_LLAMA3_ROPE,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    # allenai/OLMo-2-1124-13B
+    "olmo2-13b": dict(
+        model_type="olmo2",
+        hidden_size=5120,
+        intermediate_size=13824,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=40,
+        vocab_size=100352,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    # allenai/OLMo-2-0425-1B
+    "olmo2-1b": dict(
+        model_type="olmo2",
+        hidden_size=2048,
+        intermediate_size=8192,
+        num_hidden_layers=16,
+        num_attention_heads=16,
+        num_key_value_heads=16,
+        vocab_size=100352,
+        max_position_embeddings=4096,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    # Qwen/Qwen3-14B
+    "qwen3-14b": dict(
+        model_type="qwen3",
+        hidden_size=5120,
+        intermediate_size=17408,
+        num_hidden_layers=40,
+        num_attention_heads=40,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=False,
+    ),
+    # Qwen/Qwen3-1.7B
+    "qwen3-1.7b": dict(
+        model_type="qwen3",
+        hidden_size=2048,
+        intermediate_size=6144,
+        num_hidden_layers=28,
+        num_attention_heads=16,
+        num_key_value_heads=8,
+        head_dim=128,
+        vocab_size=151936,
+        max_position_embeddings=40960,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=True,
+    ),
+}
+
+PAIRS: dict[str, str] = {
+    "llama3-8b": "llama3.2-1b",
+    "olmo2-13b": "olmo2-1b",
+    "qwen3-14b": "qwen3-1.7b",
+}
+
+
+def preset_config(name: str) -> PretrainedConfig:
+    """The transformers config of a preset (no EOS: random models decode to full length)."""
+    if name not in PRESETS:
+        raise KadError(f"unknown preset {name!r}: choose one of {', '.join(PRESETS)}")
+    fields = dict(PRESETS[name])
+    kind = fields.pop("model_type")
+    return AutoConfig.for_model(kind, eos_token_id=None, bos_token_id=None, **fields)
+
+
+def parse_pair(spec: str) -> tuple[str, str]:
+    """``BASE[:PROXY]`` -> (base, proxy); the proxy defaults to the family's small model."""
+    base, _, proxy = spec.partition(":")
+    proxy = proxy or PAIRS.get(base, "")
+    if not proxy:
+        raise KadError(f"give the proxy preset of {base!r} as {base}:PROXY")
+    for name in (base, proxy):
+        preset_config(name)
+    return base, proxy
+
+
+def random_model(name: str, *, device: torch.device | str, dtype: torch.dtype) -> PreTrainedModel:
+    """A model of the preset's architecture with random weights (the architecture's own
+    initialisation), made directly on ``device``; on "meta" no memory is used."""
+    config = preset_config(name)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def parameter_count(model: PreTrainedModel) -> int:
+    """Distinct parameters (tied embeddings counted once)."""
+    return sum(p.numel() for p in model.parameters())
