@@ -4,18 +4,35 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 import kad
 from kad import demo
-from kad.demo import METHODS, Row, evaluate, load_world, render_table, run_demo, summarize
+from kad.demo import (
+    METHODS,
+    Row,
+    evaluate,
+    load_world,
+    one_cpu_thread,
+    render_table,
+    run_demo,
+    summarize,
+)
 from kad.errors import KadError
 from kad.outputs import Generation, GenerationStats
 from kad.world import heldout_problems
 
 ANSWER_LINE = re.compile(r"####\s*(-?\d+)")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models decode faster on one thread, and far faster when other jobs share the cores."""
+    with one_cpu_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -14,11 +15,20 @@ from hypothesis import strategies as st
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import kad
+from kad.demo import one_cpu_thread
 from kad.errors import KadError
 from kad.world import builtin_paths, extract_answer, heldout_problems, score
 from kad.world import generator as gen
 from kad.world.probe import char_classes, token_classes
 from kad.world.tokenizer import END_OF_TEXT, END_OF_TURN, render_turn
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread() -> Iterator[None]:
+    """Tiny models decode faster on one thread, and far faster when other jobs share the cores."""
+    with one_cpu_thread():
+        yield
+
 
 EQUATION = re.compile(r"(\d+) ([-+*/]) (\d+) = (\d+)")
 OPS = {"+": lambda a, b: a + b, "-": lambda a, b: a - b, "*": lambda a, b: a * b}
