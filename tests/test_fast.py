@@ -79,9 +79,18 @@ def static_runner(aligner):
 
 
 @pytest.mark.parametrize(
-    "rule", [kad.Dual(lam=0.4), kad.Primal(0.9), kad.BaseOnly(), kad.ProxyOnly()]
+    ("rule", "speculative"),
+    [
+        (kad.Dual(lam=0.4), None),
+        (kad.Dual(lam=0.4), 1),
+        (kad.Dual(lam=0.4), 3),
+        (kad.Dual(lam=0.4), "auto"),
+        (kad.Primal(0.9), None),
+        (kad.Primal(0.9), 3),
+        (kad.BaseOnly(), 2),
+        (kad.ProxyOnly(), 3),
+    ],
 )
-@pytest.mark.parametrize("speculative", [None, 1, 3, "auto"])
 def test_fused_greedy_rounds_match_the_engine(aligner, prompt_ids, rule, speculative):
     engine = decode(aligner, prompt_ids, DecodeSession, engine_runner(aligner), rule, speculative)
     fast = decode(aligner, prompt_ids, FastSession, static_runner(aligner), rule, speculative)

@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
+from kad.errors import KadError
+
 SUPPORTED_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "olmo2")
 # RoPE variants whose tables depend on the position only (not on the sequence length).
 STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
@@ -98,7 +100,7 @@ class LlamaFamily:
     def __init__(self, model: PreTrainedModel, vocab_size: int) -> None:
         reason = unsupported_reason(model)
         if reason is not None:
-            raise ValueError(f"the static-cache forward cannot run this model: {reason}")
+            raise KadError(f"the static-cache forward cannot run this model: {reason}")
         config = model.config
         decoder = model.model
         first = decoder.layers[0].self_attn

@@ -115,7 +115,6 @@ class FastSession(DecodeSession):
             and set(runners) == {"base", "proxy"}
             and all(isinstance(r, StaticRunner) for r in runners.values())
         )
-        self.round_seconds: list[float] = []
 
     def step(self):
         """One round; see `DecodeSession.step`. Fused rounds sync with the host once."""
@@ -123,9 +122,9 @@ class FastSession(DecodeSession):
             return super().step()
         gamma = self._gamma()
         base, proxy = self.runners["base"], self.runners["proxy"]
-        for runner in (base, proxy):
-            runner.ensure_room(gamma + 1)
         with torch.inference_mode():
+            for runner in (base, proxy):
+                runner.ensure_room(gamma + 1)
             packed, token, has_unfilled = self._run_round(base, proxy, gamma)
             values = packed.tolist()  # the round's one host synchronisation
             token = token.clone()
