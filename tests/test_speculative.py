@@ -184,7 +184,7 @@ def test_first_token_matches_the_exact_target(tiny_vocab):
     first = Counter()
     for seq, count in spec.items():
         first[seq[0]] += count
-    runners = aligner._runners()
+    runners = aligner._runners(rule)
     ids = aligner.encode_prompts(["a b c"])
     with torch.inference_mode():
         dists = {
