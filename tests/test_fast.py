@@ -213,6 +213,30 @@ def test_make_runner_picks_the_path():
     assert "gpt2" in unsupported_reason(gpt2)
 
 
+def test_aligner_fast_path_matches_and_reuses_its_runners(tiny_dirs):
+    """Aligner(fast=True) decodes through static runners (eager on CPU) with the engine's
+    tokens; a finished session's runners serve the next call, a live one's are not shared."""
+    prompts = ["Tom has 3 apples", "Q"]
+    engine = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy))
+    fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
+    for speculative in (None, 3):
+        want = engine.generate(prompts, max_new_tokens=NEW, speculative=speculative)
+        got = fast.generate(prompts, max_new_tokens=NEW, speculative=speculative)
+        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    first = fast.start(prompts, max_new_tokens=NEW)
+    assert first.fused and all(isinstance(r, StaticRunner) for r in first.runners.values())
+    second = fast.start(prompts, max_new_tokens=NEW)  # `first` is live: fresh runners
+    assert all(second.runners[r] is not first.runners[r] for r in first.runners)
+    with torch.inference_mode():
+        while not first.done:
+            first.step()
+    third = fast.start(prompts, max_new_tokens=NEW)
+    assert all(third.runners[r] is first.runners[r] for r in first.runners)
+    assert kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy)).start(
+        prompts
+    ).runners["base"].__class__ is ModelRunner  # CPU default: the engine's runners
+
+
 # ----- roofline arithmetic
 def test_model_bytes_count_what_a_forward_reads():
     model = tiny_model("llama")  # untied: the input table is not read, the head is

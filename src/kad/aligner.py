@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 import warnings
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kad.engine import DecodeSession, ModelRunner
 from kad.errors import KadError, PromptError
+from kad.fast import FastSession, StaticRunner, make_runner
 from kad.models import (
     Prompt,
     PromptPart,
@@ -61,8 +63,17 @@ class Aligner:
         base: Member,
         proxy: Member,
         proxy_base: Member | None = None,
+        *,
+        fast: bool | None = None,
     ) -> None:
         self.members = {"base": base, "proxy": proxy}
+        # Static KV caches and compiled steps (kad.fast): None = on a CUDA device, for the
+        # architectures the compact forward supports; the engine's runners otherwise.
+        self.fast = fast
+        # Static runners kept between sessions (their buffers and CUDA graphs stay valid), and
+        # the session that holds them now.
+        self._static: dict[str, StaticRunner] = {}
+        self._static_holder: weakref.ref | None = None
         if proxy_base is not None:
             self.members["proxy_base"] = proxy_base
         self.vocab_size = shared_vocab_size(
@@ -91,11 +102,13 @@ class Aligner:
         device_map: str | dict | None = None,
         base_template: Template = None,
         proxy_template: Template = None,
+        fast: bool | None = None,
     ) -> Aligner:
         """Load the models from local directories, GGUF files, or Hub ids (online only).
 
         dtype None: float32 on CPU, bfloat16 on a GPU. Templates: None (the proxy uses its chat
-        template, the base raw text), a string with ``{prompt}``, or a callable.
+        template, the base raw text), a string with ``{prompt}``, or a callable. fast: the
+        static-cache path of `kad.fast` (None: on a GPU, for Llama, Qwen2/3 and OLMo2 models).
         """
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
@@ -114,7 +127,7 @@ class Aligner:
         members = [load(base, False, base_template), load(proxy, True, proxy_template)]
         if proxy_base is not None:
             members.append(load(proxy_base, True, proxy_template))
-        return cls(*members)
+        return cls(*members, fast=fast)
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -146,13 +159,29 @@ class Aligner:
                     )
         return ids
 
-    def _runners(self, rule: Rule) -> dict[str, ModelRunner]:
-        """A fresh KV cache per model the rule reads (q only for rules that need it)."""
-        return {
-            role: ModelRunner(m.model, self.vocab_size)
-            for role, m in self.members.items()
-            if role != "proxy_base" or rule.needs_proxy_base
+    def _runners(self, rule: Rule) -> dict[str, ModelRunner | StaticRunner]:
+        """A KV cache per model the rule reads (q only for rules that need it).
+
+        Static runners are reused while no unfinished session holds them, so their buffers and
+        captured graphs serve the next call; engine runners are made fresh."""
+        roles = [r for r in self.members if r != "proxy_base" or rule.needs_proxy_base]
+        holder = self._static_holder() if self._static_holder is not None else None
+        free = holder is None or holder.done
+        if free and self._static and set(roles) <= set(self._static):
+            return {role: self._static[role] for role in roles}
+        runners = {
+            role: make_runner(self.members[role].model, self.vocab_size, fast=self.fast)
+            for role in roles
         }
+        if free and all(isinstance(r, StaticRunner) for r in runners.values()):
+            self._static = dict(runners)
+            self._static_holder = None
+        return runners
+
+    def _hold(self, session: DecodeSession) -> None:
+        """Mark the kept static runners busy while ``session`` decodes with them."""
+        if any(r is self._static.get(role) for role, r in session.runners.items()):
+            self._static_holder = weakref.ref(session)
 
     def _check_rule(self, rule: Rule | str) -> Rule:
         if isinstance(rule, str):
@@ -198,7 +227,7 @@ class Aligner:
                 )
                 for i in range(len(batch))
             ]
-            return DecodeSession(
+            session = FastSession(
                 runners,
                 prompt_ids,
                 rule=rule,
@@ -210,6 +239,8 @@ class Aligner:
                 stop=stops,
                 speculative=parse_speculative(speculative),
             )
+            self._hold(session)
+            return session
 
     def generate(
         self,

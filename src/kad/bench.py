@@ -11,7 +11,8 @@ One run uses one prompt length and one generation length. For each batch size it
 
 each as decode tokens/s (the median over repeats, prefill excluded) next to its roofline
 (`kad.fast.roofline`), with the peak bandwidth measured in the same run. It also splits a step
-into proxy, base, mixing and host time; turns the measured round times into tokens/s as a
+into proxy, base and mixing time (parts timed alone; the round minus the parts is host time,
+or, when negative, the proxy's last step hidden beside the base verify); turns the measured round times into tokens/s as a
 function of the acceptance rate (random weights make the measured acceptance meaningless); checks
 that the fast path gives the engine's and transformers' greedy tokens; and measures the real
 acceptance of real model pairs end to end.
@@ -540,8 +541,11 @@ def bench_batch(
         step(f"B={batch}: kernel profile of a plain KAD round")
         with torch.inference_mode(), restored([*base_runner.state(), *proxy_runner.state()]):
             pending = torch.tensor([p[-1] for p in prompts], device=device)
+            beside = base_runner.side_stream() if device.type == "cuda" else None
             profile = kernel_profile(
-                lambda: fused_round(base_runner, proxy_runner, Dual(lam=0.4), 0, pending, pending),
+                lambda: fused_round(
+                    base_runner, proxy_runner, Dual(lam=0.4), 0, pending, pending, beside
+                ),
                 device,
             )
     return {
@@ -833,7 +837,7 @@ def render(results: dict[str, Any], console: Console) -> None:
         console.print(table)
         split = batch["split"]
         table = Table(title=f"batch {batch['batch']}: one round, ms (γ = 0 is plain KAD)")
-        for col in ("γ", "proxy ×(γ+1)", "base verify", "mixing", "host+rest", "round"):
+        for col in ("γ", "proxy ×(γ+1)", "base verify", "mixing", "round − parts", "round"):
             table.add_column(col, justify="right")
         for g, total in split["round_s"].items():
             table.add_row(

@@ -9,6 +9,10 @@ copy), for the decoder shapes of Llama (and SmolLM2, Llama 3.x), Qwen2, Qwen3 an
 - a SwiGLU MLP ``down(silu(gate(x)) · up(x))``;
 - pre-norm residual blocks, or OLMo2's norm-after blocks ``x + norm(f(x))``.
 
+Projections that read the same input run as one matrix product: q, k, v as ``qkv`` and gate, up
+as ``gate_up``. The fused weight is made once per model, and the model's own q/k/v (gate/up)
+weights become row slices of it, so it costs no memory and the model itself is unchanged.
+
 The KV cache of one layer is a tensor ``[B, Hkv, S, D]`` indexed by slot: a step writes its keys
 and values at slots ``slots`` and attends to the slots that ``mask`` marks visible. Everything is
 a pure tensor function of its arguments (no module calls), so one compiled graph serves every
@@ -43,6 +47,12 @@ class Arch:
     qk_norm: str | None  # "head" (Qwen3), "full" (OLMo2) or None
     weight_first: bool  # RMSNorm multiplies by w in float32, then casts (OLMo2)
 
+    @property
+    def qkv_sizes(self) -> tuple[int, int, int]:
+        """Output widths of q, k, v inside the fused ``qkv`` projection."""
+        kv = self.kv_heads * self.head_dim
+        return (self.heads * self.head_dim, kv, kv)
+
 
 class Linear(NamedTuple):
     weight: torch.Tensor  # [out, in]
@@ -53,12 +63,9 @@ class Layer(NamedTuple):
     """One decoder layer's tensors. norm_attn/norm_mlp are the input and post-attention norms
     of pre-norm models, and the post-attention and post-feed-forward norms of OLMo2."""
 
-    q: Linear
-    k: Linear
-    v: Linear
+    qkv: Linear  # q, k, v stacked: [(H + 2·Hkv)·D, E]
     o: Linear
-    gate: Linear
-    up: Linear
+    gate_up: Linear  # gate, up stacked: [2·I, E]
     down: Linear
     norm_attn: torch.Tensor
     norm_mlp: torch.Tensor
@@ -80,14 +87,47 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in STATIC_ROPE_TYPES:
         return f"RoPE type {rope_type!r} depends on the sequence length"
-    if getattr(getattr(model, "model", None), "rotary_emb", None) is None:
+    decoder = getattr(model, "model", None)
+    if getattr(decoder, "rotary_emb", None) is None:
         return "the model has no rotary embedding module"
+    block = decoder.layers[0]
+    projections = (block.self_attn.q_proj, block.mlp.gate_proj, block.mlp.down_proj)
+    if any(type(m) is not torch.nn.Linear or not m.weight.is_floating_point() for m in projections):
+        return "its linear layers are quantised or custom modules"
     return None
 
 
 def _linear(module: torch.nn.Module) -> Linear:
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     return Linear(module.weight.detach(), bias)
+
+
+def _fused(modules: list[torch.nn.Linear]) -> Linear:
+    """One projection ``[Σ out, in]`` for linears that read the same input. The modules'
+    weights (and biases) become row slices of it, so no memory is added; made once per model."""
+    cached = getattr(modules[0], "_kad_fused", None)
+    if cached is not None:
+        return cached
+    has_bias = [m.bias is not None for m in modules]
+    with torch.inference_mode(False), torch.no_grad():  # ordinary tensors: the model stays usable
+        weight = torch.cat([m.weight.detach() for m in modules])
+        bias = torch.cat([m.bias.detach() for m in modules]) if all(has_bias) else None
+        start = 0
+        for m in modules:
+            end = start + m.weight.shape[0]
+            m.weight.data = weight[start:end]
+            if bias is not None:
+                m.bias.data = bias[start:end]
+            start = end
+    if any(has_bias) and bias is None:  # some projections have a bias, some not
+        zeros = [
+            m.bias.detach() if m.bias is not None else weight.new_zeros(m.weight.shape[0])
+            for m in modules
+        ]
+        bias = torch.cat(zeros)
+    fused = Linear(weight, bias)
+    object.__setattr__(modules[0], "_kad_fused", fused)
+    return fused
 
 
 def _weight(module: torch.nn.Module | None) -> torch.Tensor | None:
@@ -117,12 +157,11 @@ class LlamaFamily:
         )
         self.layers = [
             Layer(
-                q=_linear(block.self_attn.q_proj),
-                k=_linear(block.self_attn.k_proj),
-                v=_linear(block.self_attn.v_proj),
+                qkv=_fused(
+                    [block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj]
+                ),
                 o=_linear(block.self_attn.o_proj),
-                gate=_linear(block.mlp.gate_proj),
-                up=_linear(block.mlp.up_proj),
+                gate_up=_fused([block.mlp.gate_proj, block.mlp.up_proj]),
                 down=_linear(block.mlp.down_proj),
                 norm_attn=_weight(
                     block.post_attention_layernorm if post_norm else block.input_layernorm
@@ -217,7 +256,7 @@ def layer_forward(
     batch, n, _ = x.shape
     eps, wf = arch.eps, arch.weight_first
     h = x if arch.post_norm else rms_norm(x, w.norm_attn, eps, wf)
-    q, k, v = linear(h, w.q), linear(h, w.k), linear(h, w.v)
+    q, k, v = linear(h, w.qkv).split(arch.qkv_sizes, dim=-1)
     if arch.qk_norm == "full":
         q, k = rms_norm(q, w.q_norm, eps, wf), rms_norm(k, w.k_norm, eps, wf)
     q = q.view(batch, n, arch.heads, arch.head_dim)
@@ -232,8 +271,12 @@ def layer_forward(
     attn = linear(attend(q, k_cache, v_cache, mask), w.o)
     if arch.post_norm:
         x = x + rms_norm(attn, w.norm_attn, eps, wf)
-        mlp = linear(F.silu(linear(x, w.gate)) * linear(x, w.up), w.down)
-        return x + rms_norm(mlp, w.norm_mlp, eps, wf)
+        return x + rms_norm(swiglu(x, w), w.norm_mlp, eps, wf)
     x = x + attn
-    h = rms_norm(x, w.norm_mlp, eps, wf)
-    return x + linear(F.silu(linear(h, w.gate)) * linear(h, w.up), w.down)
+    return x + swiglu(rms_norm(x, w.norm_mlp, eps, wf), w)
+
+
+def swiglu(h: torch.Tensor, w: Layer) -> torch.Tensor:
+    """down(silu(gate(h)) · up(h)), with gate and up as one product."""
+    gate, up = linear(h, w.gate_up).chunk(2, dim=-1)
+    return linear(F.silu(gate) * up, w.down)

@@ -65,6 +65,7 @@ class StaticRunner:
         self.epoch = 0  # bumped whenever the buffers move: graphs over the old ones are stale
         self.graphs: dict[tuple, Graph] = {}
         self._pool = None  # the memory pool of self.graphs
+        self._side: torch.cuda.Stream | None = None
         self._timings: dict[tuple, float] = {}
         self.k: list[torch.Tensor] = []
         self.v: list[torch.Tensor] = []
@@ -93,6 +94,13 @@ class StaticRunner:
         self.epoch += 1
         self.drop_graphs(list(self.graphs))
         self._timings.clear()
+
+    def side_stream(self) -> torch.cuda.Stream:
+        """A second CUDA stream of this runner's, kept for its life (graphs captured with work
+        on it stay valid)."""
+        if self._side is None:
+            self._side = torch.cuda.Stream(self.device)
+        return self._side
 
     def graph_pool(self):
         """The memory pool shared by this runner's graphs (a CUDA graph pool handle)."""

@@ -1,7 +1,9 @@
 """`FastSession`: the engine's decoding session with each greedy round fused on the device.
 
 A round (SPEC section 6, γ ≥ 0) is one function of the runners' state: γ + 1 proxy steps with
-argmax drafting, one base verify over γ + 1 positions, the rule's mixture π, greedy acceptance
+argmax drafting, one base verify over γ + 1 positions (on a GPU the proxy's last step, which the
+verify does not need, runs beside it on a second stream: in plain KAD the two models' forwards
+overlap), the rule's mixture π, greedy acceptance
 (a draft stands while it is argmax π), and the rollback of both caches. It never reads a value on
 the host, so on CUDA it is captured as one graph per (batch, γ, rule) and a round is one replay
 followed by one copy of its results to the host. On a CPU the same function runs eagerly.
@@ -32,8 +34,10 @@ def fused_round(
     gamma: int,
     pending_base: torch.Tensor,
     pending_proxy: torch.Tensor,
+    beside: torch.cuda.Stream | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One greedy round on the device. pending_* ``[B]``: each model's next input token.
+    """One greedy round on the device. pending_* ``[B]``: each model's next input token;
+    ``beside``: a CUDA stream for the proxy's last step, concurrent with the base verify.
 
     Returns (packed ``[B, FIELDS·(γ+1) + 1]`` float64: the per-position fields of `decide`, then
     the accepted count; the next pending token ``[B]``; whether the rule reports an unfilled
@@ -41,26 +45,43 @@ def fused_round(
     """
     current = pending_proxy
     q_steps, drafts = [], []
-    for i in range(gamma + 1):
-        q_i = proxy.logits(current.unsqueeze(-1))[:, 0].exp()  # [B, V]
-        proxy.advance(1)
+    for _ in range(gamma):
+        q_i = _proxy_step(proxy, current)  # [B, V]
         q_steps.append(q_i)
-        if i < gamma:
-            current = q_i.argmax(dim=-1)  # greedy draft: argmax of the unwarped q*
-            drafts.append(current)
+        current = q_i.argmax(dim=-1)  # greedy draft: argmax of the unwarped q*
+        drafts.append(current)
     batch = pending_base.shape[0]
     drafted = (
         torch.stack(drafts, dim=1)
         if drafts
         else torch.zeros(batch, 0, dtype=torch.long, device=pending_base.device)
     )  # [B, γ]
-    p = base.logits(torch.cat([pending_base.unsqueeze(-1), drafted], dim=-1)).exp()  # [B, γ+1, V]
+    verify = torch.cat([pending_base.unsqueeze(-1), drafted], dim=-1)  # [B, γ+1]
+    if beside is None:
+        q_steps.append(_proxy_step(proxy, current))
+        p = base.logits(verify).exp()  # [B, γ+1, V]
+    else:
+        main = torch.cuda.current_stream(pending_base.device)
+        beside.wait_stream(main)
+        with torch.cuda.stream(beside):
+            q_last = _proxy_step(proxy, current)
+        p = base.logits(verify).exp()
+        main.wait_stream(beside)
+        q_last.record_stream(main)
+        q_steps.append(q_last)
     fields, accepted, token, has_unfilled = decide(p, torch.stack(q_steps, dim=1), drafted, rule)
     kept = accepted + 1
     base.commit(kept, gamma + 1)
     proxy.retract(kept, gamma + 1)
     packed = torch.cat([fields.flatten(1), accepted.unsqueeze(-1).to(fields.dtype)], dim=-1)
     return packed.double(), token, has_unfilled
+
+
+def _proxy_step(proxy: StaticRunner, tokens: torch.Tensor) -> torch.Tensor:
+    """Feed ``tokens`` ``[B]`` to the proxy and commit them; q* of the next position ``[B, V]``."""
+    q = proxy.logits(tokens.unsqueeze(-1))[:, 0].exp()
+    proxy.advance(1)
+    return q
 
 
 def decide(
@@ -115,6 +136,8 @@ class FastSession(DecodeSession):
             and set(runners) == {"base", "proxy"}
             and all(isinstance(r, StaticRunner) for r in runners.values())
         )
+        on_gpu = self.fused and runners["base"].device.type == "cuda"
+        self.beside = runners["base"].side_stream() if on_gpu else None
 
     def step(self):
         """One round; see `DecodeSession.step`. Fused rounds sync with the host once."""
@@ -157,7 +180,7 @@ class FastSession(DecodeSession):
     def _run_round(self, base: StaticRunner, proxy: StaticRunner, gamma: int):
         pend_base, pend_proxy = self.pending["base"], self.pending["proxy"]
         if not (base.use_graphs and proxy.use_graphs):
-            return fused_round(base, proxy, self.rule, gamma, pend_base, pend_proxy)
+            return fused_round(base, proxy, self.rule, gamma, pend_base, pend_proxy, self.beside)
         key = ("round", proxy.epoch, base.batch, gamma, self.rule)
         graph = base.graphs.get(key)
         if graph is None:
@@ -165,7 +188,7 @@ class FastSession(DecodeSession):
             inputs = (pend_base.clone(), pend_proxy.clone())
 
             def run():
-                return fused_round(base, proxy, self.rule, gamma, *inputs)
+                return fused_round(base, proxy, self.rule, gamma, *inputs, self.beside)
 
             def warmup():
                 with restored(base.state() + proxy.state()):
