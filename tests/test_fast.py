@@ -232,9 +232,13 @@ def test_aligner_fast_path_matches_and_reuses_its_runners(tiny_dirs):
             first.step()
     third = fast.start(prompts, max_new_tokens=NEW)
     assert all(third.runners[r] is first.runners[r] for r in first.runners)
-    assert kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy)).start(
-        prompts
-    ).runners["base"].__class__ is ModelRunner  # CPU default: the engine's runners
+    assert (
+        kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy))
+        .start(prompts)
+        .runners["base"]
+        .__class__
+        is ModelRunner
+    )  # CPU default: the engine's runners
 
 
 # ----- roofline arithmetic
