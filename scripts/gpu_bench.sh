@@ -3,6 +3,7 @@
 # <stage>.json (all numbers) and <stage>.log (the rich tables); the targets table prints last.
 #
 #   scripts/gpu_bench.sh smoke    fp32 correctness check + a short llama3-8b run (B=1)
+#   scripts/gpu_bench.sh dev      fp32 checks of three families + Aligner; llama3 B=1 with profile
 #   scripts/gpu_bench.sh main     fp32 correctness check + the llama3 pair below
 #   scripts/gpu_bench.sh final    olmo2 pair at batches 1, 32; llama3 at batch 1; kernel profiles
 #   scripts/gpu_bench.sh llama3   llama3-8b + llama3.2-1b, batches 1, 8, 32
@@ -32,6 +33,11 @@ case $stage in
     python3 scripts/gpu_check.py llama3.2-1b 2>&1 | tee "$OUT/check.log"
     bench smoke --random-init llama3-8b --batch 1 --new-tokens 64 --gammas 1,4 \
       --assisted-gammas 2 --repeats 1
+    ;;
+  dev)  # correctness of every family and of Aligner's own choice, then llama3 at batch 1
+    python3 scripts/gpu_check.py llama3.2-1b qwen3-1.7b olmo2-1b 2>&1 | tee "$OUT/check.log"
+    bench llama3_b1 --random-init llama3-8b --batch 1 --repeats 3 --no-transformers --no-check \
+      --profile
     ;;
   main)  # the fp32 check, then the llama3 pair
     python3 scripts/gpu_check.py llama3.2-1b 2>&1 | tee "$OUT/check.log"

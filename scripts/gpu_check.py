@@ -4,7 +4,9 @@ In float32 (so that rounding cannot flip a greedy choice) a random-weight pair o
 decodes a batch of two left-padded prompts of different lengths with the engine (transformers'
 forward and cache) and with the fast path (StaticRunner + FastSession: compiled, graphs), plain
 and speculative; the tokens must be equal. It also reports the largest log-prob difference of one
-decode step, and writes everything to $OUT/check.json.
+decode step. Then `kad.Aligner` on the GPU (which picks the fast path itself) must give the
+tokens of `Aligner(fast=False)` on the built-in pair, for every kind of round. Everything goes to
+$OUT/check.json.
 
 Usage: python scripts/gpu_check.py [PRESET ...]   (default: llama3.2-1b)
 """
@@ -86,9 +88,48 @@ def check(preset: str) -> dict:
     return out
 
 
+def check_aligner() -> dict:
+    """The built-in pair in float32 through `Aligner` on the GPU: fast path vs engine."""
+    from kad.world import BASE_TEMPLATE, builtin_paths, heldout_problems
+
+    paths = builtin_paths()
+    questions = [str(p["question"]) for p in heldout_problems(12)]
+    aligners = {
+        fast: kad.Aligner.from_pretrained(
+            *paths, base_template=BASE_TEMPLATE, device="cuda", dtype="float32", fast=fast
+        )
+        for fast in (None, False)
+    }
+    out: dict = {"preset": "built-in pair via Aligner", "dtype": "float32"}
+    for label, rule, spec in (
+        ("dual", kad.Dual(lam=0.4), None),
+        ("dual γ=4", kad.Dual(lam=0.4), 4),
+        ("primal γ=2", kad.Primal(0.9), 2),
+        ("implicit reward γ=2", kad.ImplicitReward(), 2),
+    ):
+        got, ref = (
+            [
+                g.token_ids
+                for g in aligners[fast].generate(
+                    questions, rule=rule, max_new_tokens=64, speculative=spec
+                )
+            ]
+            for fast in (None, False)
+        )
+        session = aligners[None].start(questions[:1], rule=rule, max_new_tokens=4)
+        out[label] = {
+            "fused": session.fused,
+            "runner": type(session.runners["base"]).__name__,
+            "agree": [agreement(a, b) for a, b in zip(ref, got, strict=True)],
+            "equal": ref == got,
+        }
+        print(label, out[label], flush=True)
+    return out
+
+
 def main() -> None:
     presets = sys.argv[1:] or ["llama3.2-1b"]
-    results = [check(p) for p in presets]
+    results = [check(p) for p in presets] + [check_aligner()]
     path = os.path.join(os.environ.get("OUT", "."), "check.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
