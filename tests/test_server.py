@@ -21,7 +21,7 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 import kad
-from kad.server import KadOptions, RuleRouter, create_app, resolve_rule
+from kad.server import KadOptions, create_app, resolve_rule
 
 PROMPT = "Tom has 3 apples"
 CHAT = [
@@ -71,7 +71,7 @@ def served(tiny_dirs: SimpleNamespace) -> Iterator[SimpleNamespace]:
     full = kad.Aligner.from_pretrained(
         str(tiny_dirs.base), str(tiny_dirs.proxy), str(tiny_dirs.proxy_base)
     )
-    aligner = RecordingAligner(RuleRouter(full))  # what create_app(full) builds, recorded
+    aligner = RecordingAligner(full)
     app = create_app(aligner, max_batch=16)
     with serving(app) as url:
         yield SimpleNamespace(url=url, aligner=aligner, scheduler=app.state.scheduler)
@@ -210,7 +210,9 @@ def test_stream_is_server_sent_events_ending_with_done(served: SimpleNamespace) 
 def test_64_concurrent_greedy_clients_equal_requests_run_alone(
     served: SimpleNamespace, tiny_aligner: kad.Aligner
 ) -> None:
-    """Mixed completions/chats, max_tokens and speculation (separate batches); none lost."""
+    """Mixed completions/chats, max_tokens (one budget per row of a batch) and speculation
+    (separate batches); none lost."""
+    before = len(served.aligner.sessions)
     requests = []
     for i in range(64):
         kad_opts = {"speculative": 2} if i % 3 == 0 else {}
@@ -250,6 +252,8 @@ def test_64_concurrent_greedy_clients_equal_requests_run_alone(
     load = served.scheduler.load()
     assert 1 < load["peak_rows"] <= 16  # they were batched, within --max-batch
     assert load["running_rows"] == 0 and load["waiting_requests"] == 0
+    budgets = [{s.max_new_tokens for s in x.states} for x in served.aligner.sessions[before:]]
+    assert {6, 8} in budgets  # requests with different max_tokens shared a batch
 
 
 def test_disconnect_mid_stream_frees_the_slot(served: SimpleNamespace) -> None:

@@ -102,14 +102,15 @@ class ModelRunner:
         self.forwards += 1
         return log_probs(out.logits[..., : self.vocab_size])
 
-    def rollback(self, kept: torch.Tensor, span: int) -> None:
-        """Of the last ``span`` positions, keep the first ``kept[b]`` of each row ``[B]``."""
+    def rollback(self, kept: torch.Tensor, span: int, longest: int | None = None) -> None:
+        """Of the last ``span`` positions, keep the first ``kept[b]`` of each row ``[B]``.
+        ``longest`` = max(kept) when the caller knows it (saves a host read)."""
         if span == 0:
             return
         kept = kept.to(self.device)
         self.mask[:, -span:] = (torch.arange(span, device=self.device) < kept.unsqueeze(-1)).long()
         self.next_pos = self.next_pos - span + kept
-        drop = span - int(kept.max())
+        drop = span - (int(kept.max()) if longest is None else longest)
         if drop > 0:
             _crop(self.cache, self.mask.shape[1] - drop)
             self.mask = self.mask[:, :-drop]
@@ -269,22 +270,43 @@ class DecodeSession:
         tv = 0.5 * (mix.pi - q).abs().sum(dim=-1)  # [B, γ+1]
         predicted = acceptance_probability(target[:, :gamma], q_tilde)  # [B, γ]
 
+        fields = [emitted, share, mix.alpha, tv]
+        if mix.unfilled is not None:
+            fields.append(mix.unfilled)
+        fields.append(torch.cat([predicted, torch.zeros_like(tv[:, :1])], dim=-1))
+        packed = torch.cat(
+            [
+                torch.stack([f.double() for f in fields], dim=1).flatten(1),
+                accepted.double()[:, None],
+            ],
+            dim=-1,
+        )  # [B, F·(γ+1) + 1]
+        values = packed.tolist()  # the round's one host synchronisation
+        width = gamma + 1
+        columns = [[row[f * width : (f + 1) * width] for row in values] for f in range(len(fields))]
+        accepted_rows = [int(row[-1]) for row in values]
+        kept = accepted + 1
         for role, runner in self.runners.items():
-            runner.rollback(accepted + 1, gamma + 1)
+            runner.rollback(kept, gamma + 1, longest=max(accepted_rows) + 1)
             self.pending[role] = token.to(runner.device)
         if self.auto is not None and gamma > 0:
-            judged = torch.clamp(accepted + 1, max=gamma)
-            self.auto.update(float(accepted.sum() / judged.sum()), (t1 - t0) / (gamma + 1), t2 - t1)
+            judged = sum(min(k + 1, gamma) for k in accepted_rows)
+            self.auto.update(sum(accepted_rows) / judged, *self._step_costs(gamma, t0, t1, t2))
         return self._record(
             gamma,
-            emitted.tolist(),
-            accepted.tolist(),
-            share.tolist(),
-            mix.alpha.tolist(),
-            tv.tolist(),
-            None if mix.unfilled is None else mix.unfilled.tolist(),
-            predicted.tolist(),
+            [[int(t) for t in row] for row in columns[0]],
+            accepted_rows,
+            columns[1],
+            columns[2],
+            columns[3],
+            columns[4] if mix.unfilled is not None else None,
+            [row[:gamma] for row in columns[-1]],
         )
+
+    def _step_costs(self, gamma: int, t0: float, t1: float, t2: float) -> tuple[float, float]:
+        """Seconds of one proxy step and of the base verify of γ + 1 tokens, for auto γ: here
+        the host clock around the forwards (synchronous on a CPU)."""
+        return (t1 - t0) / (gamma + 1), t2 - t1
 
     def _record(self, gamma, emitted, accepted, share, alpha, tv, unfilled, predicted):
         events = []

@@ -2,7 +2,7 @@
 
 One worker thread owns the aligner. Requests (`Job`s, each one or more rows: prompts × n) wait in
 a FIFO queue; the worker groups waiting jobs whose decoding parameters are equal (rule, sampling
-parameters, stops, max tokens, speculation; seeds are per row) into one `aligner.start(...)`
+parameters, stops, speculation; seeds and max tokens are per row) into one `aligner.start(...)`
 session, and steps every live session in turn, one `session.step()` each, so that a long batch
 never starves a newer one. The rows of all live sessions together never exceed `max_batch`.
 
@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import queue
@@ -38,8 +39,9 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class DecodeParams:
-    """What a session is started with besides its prompts and seeds; jobs with equal params
-    share a batch. Greedy decoding (temperature 0) ignores top_p, so it is normalised away."""
+    """What a session is started with besides its prompts and seeds; jobs with the same
+    `batch_key` (everything but max_new_tokens, a per-row budget) share a batch. Greedy decoding
+    (temperature 0) ignores top_p, so it is normalised away."""
 
     rule: Hashable
     max_new_tokens: int
@@ -51,6 +53,10 @@ class DecodeParams:
     def __post_init__(self) -> None:
         if self.temperature == 0.0:
             object.__setattr__(self, "top_p", 1.0)
+
+    @property
+    def batch_key(self) -> DecodeParams:
+        return dataclasses.replace(self, max_new_tokens=0)
 
     def kwargs(self) -> dict[str, Any]:
         """Keyword arguments of `aligner.start` besides the prompts and seeds."""
@@ -143,7 +149,9 @@ class _Batch:
     def start(cls, aligner: Any, jobs: list[Job]) -> _Batch:
         prompts = [prompt for job in jobs for prompt in job.prompts]
         seeds = [seed for job in jobs for seed in job.seeds()]
-        session = aligner.start(prompts, seed=seeds, **jobs[0].params.kwargs())
+        budgets = [job.params.max_new_tokens for job in jobs for _ in range(job.rows)]
+        kwargs = jobs[0].params.kwargs() | {"max_new_tokens": budgets}
+        session = aligner.start(prompts, seed=seeds, **kwargs)
         owner = [(job, i) for job in jobs for i in range(job.rows)]
         starts = itertools.accumulate([0] + [job.rows for job in jobs])
         first = {job.id: start for job, start in zip(jobs, starts, strict=False)}
@@ -265,10 +273,10 @@ class Scheduler:
         if self._batches and free < min(waiting, self.max_batch // 2):
             return  # wait for half the slots rather than start many tiny sessions
         while self._pending and self._pending[0].rows <= free:
-            params = self._pending[0].params
+            key = self._pending[0].params.batch_key
             group: list[Job] = []
             for job in list(self._pending):
-                if job.params == params and job.rows <= free:
+                if job.params.batch_key == key and job.rows <= free:
                     self._pending.remove(job)
                     if self._encode(job):
                         group.append(job)

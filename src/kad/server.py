@@ -367,35 +367,6 @@ def _sse(payload: dict[str, Any] | str) -> str:
 # --- the app ---------------------------------------------------------------------------------
 
 
-class RuleRouter:
-    """Sends sessions whose rule does not read the proxy's base q (all but implicit reward) to
-    the same aligner without q, which would otherwise run at every step. Both decode over the
-    full aligner's shared vocabulary and EOS ids, so the tokens are the same."""
-
-    def __init__(self, full: Any) -> None:
-        from kad.aligner import Aligner
-
-        self.full = full
-        self.lean = Aligner(full.members["base"], full.members["proxy"])
-        self.lean.vocab_size, self.lean.eos_ids = full.vocab_size, full.eos_ids
-
-    def encode_prompts(self, prompts: Any) -> dict[str, list[list[int]]]:
-        return self.full.encode_prompts(prompts)
-
-    def start(self, prompts: Any, *, rule: Rule, **kwargs: Any) -> Any:
-        chosen = self.full if rule.needs_proxy_base else self.lean
-        return chosen.start(prompts, rule=rule, **kwargs)
-
-
-def route_by_rule(aligner: Any) -> Any:
-    """A `RuleRouter` for a `kad.Aligner` that holds the proxy's base; otherwise the aligner."""
-    from kad.aligner import Aligner
-
-    if isinstance(aligner, Aligner) and "proxy_base" in aligner.members:
-        return RuleRouter(aligner)
-    return aligner
-
-
 def create_app(
     aligner: Any,
     *,
@@ -415,7 +386,7 @@ def create_app(
     from kad.rules import Dual
 
     default_rule = Dual() if rule is None else rule
-    scheduler = Scheduler(route_by_rule(aligner), max_batch=max_batch)
+    scheduler = Scheduler(aligner, max_batch=max_batch)
     created = int(time.time())
 
     @asynccontextmanager

@@ -171,13 +171,14 @@ class StaticRunner:
         return out
 
     @torch.inference_mode()
-    def rollback(self, kept: torch.Tensor, span: int) -> None:
-        """Of the last ``span`` positions, keep the first ``kept[b]`` of each row ``[B]``."""
+    def rollback(self, kept: torch.Tensor, span: int, longest: int | None = None) -> None:
+        """Of the last ``span`` positions, keep the first ``kept[b]`` of each row ``[B]``.
+        ``longest`` = max(kept) when the caller knows it (saves a host read)."""
         if span == 0:
             return
         kept = kept.to(self.device)
         self.retract(kept, span)
-        self.length += int(kept.max()) - span
+        self.length += (int(kept.max()) if longest is None else longest) - span
 
     @torch.inference_mode()
     def select(self, rows: torch.Tensor) -> None:

@@ -9,7 +9,8 @@ the host, so on CUDA it is captured as one graph per (batch, γ, rule) and a rou
 followed by one copy of its results to the host. On a CPU the same function runs eagerly.
 
 Sampling (temperature > 0, per-row generators), the implicit-reward rule (a third model) and
-runners without a static cache take the engine's round (`DecodeSession.step`).
+runners without a static cache take the engine's round (`DecodeSession.step`): each forward is a
+graph replay, mixing and sampling run on the device, and the round reads the host once.
 """
 
 from __future__ import annotations
@@ -176,6 +177,14 @@ class FastSession(DecodeSession):
             field[4] if has_unfilled else None,
             [row[:gamma] for row in field[5]],
         )
+
+    def _step_costs(self, gamma: int, t0: float, t1: float, t2: float) -> tuple[float, float]:
+        """Device time of a proxy step and of a base verify (host clocks only time the launches
+        of asynchronous GPU work)."""
+        base, proxy = self.runners["base"], self.runners["proxy"]
+        if isinstance(base, StaticRunner) and isinstance(proxy, StaticRunner):
+            return proxy.step_seconds(1), base.step_seconds(gamma + 1)
+        return super()._step_costs(gamma, t0, t1, t2)
 
     def _run_round(self, base: StaticRunner, proxy: StaticRunner, gamma: int):
         pend_base, pend_proxy = self.pending["base"], self.pending["proxy"]
