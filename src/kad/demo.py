@@ -106,11 +106,13 @@ def summarize(
 
 
 def load_world() -> Aligner:
-    """The built-in base, aligned proxy and proxy base; the base reads questions as web text."""
+    """The built-in base, aligned proxy and proxy base; the base reads questions as web text.
+    On the CPU even where a GPU exists: models of 1-2 MB gain nothing from it, and the GPU path
+    would spend longer compiling than the demo takes."""
     paths = builtin_paths()
     transformers_logging.disable_progress_bar()  # the loading bars of three tiny models
     return Aligner.from_pretrained(
-        paths.base, paths.proxy, paths.proxy_base, base_template=BASE_TEMPLATE
+        paths.base, paths.proxy, paths.proxy_base, base_template=BASE_TEMPLATE, device="cpu"
     )
 
 
