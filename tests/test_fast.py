@@ -211,6 +211,9 @@ def test_make_runner_picks_the_path():
     assert type(make_runner(llama, 300, fast=True)) is StaticRunner
     assert type(make_runner(gpt2, 50, fast=True)) is ModelRunner
     assert "gpt2" in unsupported_reason(gpt2)
+    llama.model.norm.to("meta")  # as if a device_map had offloaded part of it
+    assert "several devices" in unsupported_reason(llama)
+    assert type(make_runner(llama, 300, fast=True)) is ModelRunner
 
 
 def test_aligner_fast_path_matches_and_reuses_its_runners(tiny_dirs):

@@ -87,6 +87,8 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in STATIC_ROPE_TYPES:
         return f"RoPE type {rope_type!r} depends on the sequence length"
+    if len({p.device for p in model.parameters()}) > 1:
+        return "its weights are spread over several devices (device_map)"
     decoder = getattr(model, "model", None)
     if getattr(decoder, "rotary_emb", None) is None:
         return "the model has no rotary embedding module"
