@@ -53,6 +53,11 @@ def tables(path: str) -> str:
                 f"{fmt(split['host_s'][g] * 1e3, 2)} | {fmt(total * 1e3, 2)} |"
             )
         out.append(f"\nPrimal mixing at γ = 0: {split['mix_primal_s'] * 1e3:.3f} ms.")
+        if "mix_sample_s" in split:
+            out.append(
+                f"Dual mixing, warping (T = 1, top-p 0.9) and sampling at γ = 0: "
+                f"{split['mix_sample_s'] * 1e3:.3f} ms."
+            )
         if batch["curve"]:
             grid = list(next(iter(batch["curve"].values())))
             out += [

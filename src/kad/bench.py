@@ -3,7 +3,8 @@
 One run uses one prompt length and one generation length. For each batch size it measures:
 
 - base alone and proxy alone (one model, greedy, one CUDA graph per token);
-- plain KAD, dual λ = 0.4 and primal b = 0.9 (`kad.fast.FastSession`, γ = 0);
+- plain KAD, dual λ = 0.4 and primal b = 0.9 (`kad.fast.FastSession`, γ = 0), and dual sampled
+  at T = 1, top-p 0.9 (the engine's round over the static runners);
 - speculative KAD (dual) for each γ and ``auto``, and speculative ``rule=base`` at the γs where
   it is compared with transformers' assisted generation;
 - transformers' ``generate`` for the base alone and, at batch 1, its assisted generation with
@@ -12,7 +13,8 @@ One run uses one prompt length and one generation length. For each batch size it
 each as decode tokens/s (the median over repeats, prefill excluded) next to its roofline
 (`kad.fast.roofline`), with the peak bandwidth measured in the same run. It also splits a step
 into proxy, base and mixing time (parts timed alone; the round minus the parts is host time,
-or, when negative, the proxy's last step hidden beside the base verify); turns the measured round times into tokens/s as a
+or, when negative, the proxy's last step hidden beside the base verify), and times the mixing,
+warping and sampling of a sampled step; turns the measured round times into tokens/s as a
 function of the acceptance rate (random weights make the measured acceptance meaningless); checks
 that the fast path gives the engine's and transformers' greedy tokens; and measures the real
 acceptance of real model pairs end to end.
@@ -57,10 +59,13 @@ from kad.fast.runner import StaticRunner
 from kad.fast.session import FastSession, decide, fused_round
 from kad.models import resolve_device, resolve_dtype
 from kad.rules import BaseOnly, Dual, Primal, Rule
-from kad.sampling import Warp
-from kad.speculative import AutoGamma
+from kad.sampling import Warp, make_generators
+from kad.speculative import AutoGamma, next_token
 
 ACCEPTANCE_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
+GREEDY = Warp()
+SAMPLED = Warp(temperature=1.0, top_p=0.9)  # plain KAD sampled: the engine's round, eager mixing
+SAMPLED_LABEL = "KAD dual λ=0.4 sampled (T=1, top-p 0.9)"
 ACCEPTANCE_PROMPTS: tuple[str, ...] = (
     "Explain why the sky is blue in two sentences.",
     "Write a short poem about the sea.",
@@ -283,6 +288,7 @@ def time_session(
     repeats: int,
     tokenizer: Any,
     session_class: type[DecodeSession] = FastSession,
+    warp: Warp = GREEDY,
 ) -> SessionRun:
     """Decode with a session; the first run (compilation, graph capture) is not timed."""
     device = runners["base"].device
@@ -294,9 +300,9 @@ def time_session(
                 runners,
                 {"base": prompts, "proxy": prompts},
                 rule=rule,
-                warp=Warp(),
+                warp=warp,
                 max_new_tokens=[new_tokens] * batch,
-                seeds=[0] * batch,
+                seeds=list(range(batch)),
                 tokenizer=tokenizer,
                 eos_ids=set(),
                 speculative=speculative,
@@ -333,6 +339,25 @@ def decide_seconds(
         run = lambda: decide(p, q, drafted, rule)  # noqa: E731
         if use_graph:
             run = Graph(run, run, device).replay
+        return seconds(run, device)
+
+
+def sampling_seconds(rule: Rule, warp: Warp, batch: int, vocab: int, device: torch.device) -> float:
+    """Time of the sampled round's work after the forwards at γ = 0: mixing, warping π and
+    drawing each row's token with its own generator (eager, as the engine's round runs it)."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, 1, vocab)
+    p = torch.randn(shape, generator=generator, device=device).softmax(-1)
+    q = torch.randn(shape, generator=generator, device=device).softmax(-1)
+    generators = make_generators(list(range(batch)), device)
+    none_accepted = torch.zeros(batch, dtype=torch.long, device=device)
+
+    def run() -> torch.Tensor:
+        target = warp(rule.mix(p, q, None).pi)  # [B, 1, V]
+        return next_token(none_accepted, target, target[:, :0], generators)
+
+    with torch.inference_mode():
+        run()
         return seconds(run, device)
 
 
@@ -476,6 +501,11 @@ def bench_batch(
         table.add(label, run.seconds, run.tokens, plain, tokens_per_round=1.0)
     if engine_ids is not None:
         checks["engine vs fast path (dual)"] = agreement(engine_ids, plain_runs["dual"].ids)
+    step(f"B={batch}: {SAMPLED_LABEL}")
+    run = time_session(
+        runners, prompts, Dual(lam=0.4), None, n, config.repeats, tokenizer, warp=SAMPLED
+    )
+    table.add(SAMPLED_LABEL, run.seconds, run.tokens, plain, tokens_per_round=1.0)
 
     spec_runs: dict[int, SessionRun] = {}
     for gamma in [*config.gammas, "auto"]:
@@ -581,6 +611,7 @@ def time_split(
                 for g in gammas
             },
             "mix_primal_s": decide_seconds(Primal(0.9), batch, 0, vocab, device, base.use_graphs),
+            "mix_sample_s": sampling_seconds(Dual(lam=0.4), SAMPLED, batch, vocab, device),
         }
 
 
@@ -771,6 +802,15 @@ def targets(results: dict[str, Any]) -> list[dict[str, Any]]:
             3.0,
             higher=False,
         )
+        sampled = row(one, SAMPLED_LABEL)
+        if sampled is not None and "mix_sample_s" in split:
+            step_s = 1.0 / sampled["tokens_per_s"]  # one row: a round is a token
+            add(
+                "mixing+sampling % of a sampled plain step (B=1)",
+                100 * split["mix_sample_s"] / step_s,
+                3.0,
+                higher=False,
+            )
         for gamma, entry in one["assisted"].items():
             if "speedup" in entry:
                 add(f"spec rule=base / transformers assisted, γ={gamma}", entry["speedup"], 1.5)
@@ -849,6 +889,15 @@ def render(results: dict[str, Any], console: Console) -> None:
                 _fmt(total * 1e3, 2),
             )
         console.print(table)
+        extra = [
+            ("primal mixing", "mix_primal_s"),
+            ("dual mixing + T=1 top-p 0.9 sampling", "mix_sample_s"),
+        ]
+        console.print(
+            ", ".join(
+                f"{name} at γ = 0: {split[key] * 1e3:.3f} ms" for name, key in extra if key in split
+            )
+        )
         if batch["curve"]:
             table = Table(title=f"batch {batch['batch']}: speculative KAD tokens/s at acceptance a")
             table.add_column("γ", justify="right")
