@@ -101,22 +101,25 @@ def check_aligner() -> dict:
         for fast in (None, False)
     }
     out: dict = {"preset": "built-in pair via Aligner", "dtype": "float32"}
-    for label, rule, spec in (
-        ("dual", kad.Dual(lam=0.4), None),
-        ("dual γ=4", kad.Dual(lam=0.4), 4),
-        ("primal γ=2", kad.Primal(0.9), 2),
-        ("implicit reward γ=2", kad.ImplicitReward(), 2),
+    sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 3}  # same generators: same draws
+    for label, rule, spec, warp in (
+        ("dual", kad.Dual(lam=0.4), None, {}),
+        ("dual γ=4", kad.Dual(lam=0.4), 4, {}),
+        ("primal γ=2", kad.Primal(0.9), 2, {}),
+        ("implicit reward γ=2", kad.ImplicitReward(), 2, {}),
+        ("dual sampled", kad.Dual(lam=0.4), None, sampled),
+        ("dual sampled γ=3", kad.Dual(lam=0.4), 3, sampled),
     ):
         got, ref = (
             [
                 g.token_ids
                 for g in aligners[fast].generate(
-                    questions, rule=rule, max_new_tokens=64, speculative=spec
+                    questions, rule=rule, max_new_tokens=64, speculative=spec, **warp
                 )
             ]
             for fast in (None, False)
         )
-        session = aligners[None].start(questions[:1], rule=rule, max_new_tokens=4)
+        session = aligners[None].start(questions[:1], rule=rule, max_new_tokens=4, **warp)
         out[label] = {
             "fused": session.fused,
             "runner": type(session.runners["base"]).__name__,
