@@ -96,6 +96,9 @@ def test_eval_writes_records_and_summary_and_resumes(
     for record, (_, answer) in zip(records, QUESTIONS[:3], strict=True):
         assert record["gold"] == str(answer)
         assert 1 <= len(record["output_ids"]) <= 6
+        for role in ("base", "proxy"):  # the token ids each model read
+            ids = record["prompt_ids"][role]
+            assert ids and all(isinstance(t, int) for t in ids)
         assert record["correct"] == (
             record["extracted"] is not None
             and float(record["extracted"].replace(",", "")) == answer

@@ -159,16 +159,17 @@ def _generate_records(
     aligner: Any, task: Task, batch: Sequence[tuple[str, Example]], rule: Rule, decoding: dict
 ) -> list[dict[str, Any]]:
     started = time.perf_counter()
-    outputs = aligner.generate(
-        [task.prompt(example) for _, example in batch], rule=rule, stop=list(task.stop), **decoding
-    )
+    prompts = [task.prompt(example) for _, example in batch]
+    outputs = aligner.generate(prompts, rule=rule, stop=list(task.stop), **decoding)
     seconds = (time.perf_counter() - started) / len(batch)
+    prompt_ids = aligner.encode_prompts(prompts)  # what each model read
     records = []
-    for (example_id, example), out in zip(batch, outputs, strict=True):
+    for i, ((example_id, example), out) in enumerate(zip(batch, outputs, strict=True)):
         correct = task.score(out.text, example)
         records.append(
             {
                 "id": example_id,
+                "prompt_ids": {role: rows[i] for role, rows in prompt_ids.items()},
                 "output": out.text,
                 "output_ids": out.token_ids,
                 "finish_reason": out.finish_reason,
@@ -196,14 +197,16 @@ def _likelihood_records(
         continuations += answers
     logprobs = aligner.score(prompts, continuations, rule=rule)
     seconds = (time.perf_counter() - started) / len(batch)
+    prompt_ids = aligner.encode_prompts([task.prompt(example) for _, example in batch])
     records = []
-    for (example_id, example), (lo, hi) in zip(batch, spans, strict=True):
+    for i, ((example_id, example), (lo, hi)) in enumerate(zip(batch, spans, strict=True)):
         answers, labels = task.choices(example)
         scores = logprobs[lo:hi]
         best = max(range(len(scores)), key=scores.__getitem__)
         records.append(
             {
                 "id": example_id,
+                "prompt_ids": {role: rows[i] for role, rows in prompt_ids.items()},
                 "output": answers[best].strip(),
                 "extracted": best,
                 "gold": task.gold(example),
