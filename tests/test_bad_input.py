@@ -139,3 +139,6 @@ def test_cli_generate_prints_text_json_and_deferral(tiny_dirs, tiny_aligner):
     result = run_cli(*common, "--json", "--speculative", "3", "Hello")
     stats = json.loads(result.stdout)["stats"]
     assert result.exit_code == 0 and stats["acceptance"] is not None and stats["rounds"] >= 1
+    result = run_cli(*common, "--json", "--fast", "Hello", "Tom has")  # static caches, eager
+    assert result.exit_code == 0, result.output
+    assert [r["token_ids"] for r in json.loads(result.stdout)] == [g.token_ids for g in want]

@@ -69,6 +69,14 @@ Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 
 Dtype = Annotated[
     str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: auto).")
 ]
+Fast = Annotated[
+    bool | None,
+    typer.Option(
+        "--fast/--no-fast",
+        help="Static KV caches, compiled steps, CUDA graphs (default: on a GPU, for Llama, "
+        "Qwen2/3 and OLMo2 models).",
+    ),
+]
 Speculative = Annotated[
     str | None,
     typer.Option(
@@ -142,6 +150,7 @@ def generate(
     speculative: Speculative = None,
     device: Device = None,
     dtype: Dtype = None,
+    fast: Fast = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print texts with their stats.")] = False,
     show_deferral: Annotated[
         bool, typer.Option("--show-deferral", help="Colour tokens: kept from the base or deferred.")
@@ -154,7 +163,9 @@ def generate(
     rule_obj = build_rule(rule, lam, budget, beta, loss, mu)
     check_before_loading(rule_obj, proxy_base, prompts)
     parse_speculative(speculative)
-    aligner = Aligner.from_pretrained(base, proxy, proxy_base, dtype=dtype, device=device)
+    aligner = Aligner.from_pretrained(
+        base, proxy, proxy_base, dtype=dtype, device=device, fast=fast
+    )
     outputs = aligner.generate(
         prompts,
         rule=rule_obj,

@@ -670,6 +670,7 @@ def load_aligner(
     *,
     dtype: str | None = None,
     device: str | None = None,
+    fast: bool | None = None,
 ) -> Any:
     """The pair to serve: the models given, or the built-in pair (with its proxy base, and the
     base reading questions as web text) when neither --base nor --proxy is."""
@@ -678,7 +679,9 @@ def load_aligner(
     if (base is None) != (proxy is None):
         raise KadError("give both --base and --proxy, or neither (to serve the built-in pair)")
     if base is not None:
-        return Aligner.from_pretrained(base, proxy, proxy_base, dtype=dtype, device=device)
+        return Aligner.from_pretrained(
+            base, proxy, proxy_base, dtype=dtype, device=device, fast=fast
+        )
     from kad.world import BASE_TEMPLATE, builtin_paths
 
     paths = builtin_paths()
@@ -689,6 +692,7 @@ def load_aligner(
         dtype=dtype,
         device=device,
         base_template=BASE_TEMPLATE,
+        fast=fast,
     )
 
 
@@ -739,6 +743,12 @@ def serve_command(
     device: Annotated[
         str | None, typer.Option(help="cpu, cuda, cuda:1, ... (default: auto)")
     ] = None,
+    fast: Annotated[
+        bool | None,
+        typer.Option(
+            "--fast/--no-fast", help="static KV caches and CUDA graphs (default: on a GPU)"
+        ),
+    ] = None,
     threads: Annotated[
         int | None,
         typer.Option(help="torch CPU threads (default on CPU: all cores but one, for HTTP)"),
@@ -757,7 +767,7 @@ def serve_command(
         raise KadError(f"--threads must be >= 1, got {threads}")
     if chosen.needs_proxy_base and proxy_base is None and base is not None:
         raise KadError(f"the {chosen.name} rule needs the proxy's unaligned base: add --proxy-base")
-    aligner = load_aligner(base, proxy, proxy_base, dtype=dtype, device=device)
+    aligner = load_aligner(base, proxy, proxy_base, dtype=dtype, device=device, fast=fast)
     set_cpu_threads(aligner, threads)
     app = create_app(
         aligner, rule=chosen, speculative=gamma, model_id=model_name, max_batch=max_batch
