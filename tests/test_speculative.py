@@ -174,6 +174,38 @@ def test_speculative_sampling_has_the_plain_distribution(tiny_vocab, rule, warp)
     assert sum(g.stats.accepted for g in gens) > 0
 
 
+@pytest.fixture(scope="module")
+def fused_vocab(tiny_vocab) -> kad.Aligner:
+    """The tiny-vocabulary pair on the static-cache path: sampled rounds fused (eager on CPU)."""
+    return kad.Aligner.from_pretrained(tiny_vocab.base, tiny_vocab.proxy, fast=True)
+
+
+@pytest.mark.parametrize(
+    ("rule", "warp", "speculative"),
+    [
+        (kad.Dual(lam=0.4), {"temperature": 1.0}, None),
+        (kad.Dual(lam=0.4), {"temperature": 1.0}, 2),
+        (kad.Primal(budget=0.9), {"temperature": 1.0}, 3),
+        (kad.Nudging(lam=0.4), {"temperature": 1.0}, 2),
+        (kad.BaseOnly(), {"temperature": 1.0}, 2),
+        (kad.Dual(lam=0.3), {"temperature": 0.7, "top_p": 0.9, "top_k": 4}, 2),
+    ],
+    ids=["dual-plain", "dual", "primal", "nudging", "base", "dual-warped"],
+)
+def test_fused_sampling_has_the_plain_distribution(
+    tiny_vocab, fused_vocab, rule, warp, speculative
+):
+    """The fused round's sampler (counter-based uniforms, inverse-CDF draws) against the
+    engine's plain sampler: 3-token outputs, 2000 samples each, chi-square at 0.001."""
+    n, kw = 2000, {"rule": rule, "max_new_tokens": 3, **warp}
+    plain, _ = outcomes(tiny_vocab.aligner, n, 0, **kw)
+    fused, gens = outcomes(fused_vocab, n, 20_000, speculative=speculative, **kw)
+    assert fused_vocab.start(["a b c"], **kw).fused
+    assert homogeneity_p_value(plain, fused) > SIGNIFICANCE
+    if speculative:
+        assert sum(g.stats.accepted for g in gens) > 0
+
+
 def test_first_token_matches_the_exact_target(tiny_vocab):
     """The first speculative token follows π̃_1 computed directly from the rule."""
     aligner, rule = tiny_vocab.aligner, kad.Dual(lam=0.4)

@@ -4,7 +4,7 @@ One run uses one prompt length and one generation length. For each batch size it
 
 - base alone and proxy alone (one model, greedy, one CUDA graph per token);
 - plain KAD, dual λ = 0.4 and primal b = 0.9 (`kad.fast.FastSession`, γ = 0), and dual sampled
-  at T = 1, top-p 0.9 (the engine's round over the static runners);
+  at T = 1, top-p 0.9;
 - speculative KAD (dual) for each γ and ``auto``, and speculative ``rule=base`` at the γs where
   it is compared with transformers' assisted generation;
 - transformers' ``generate`` for the base alone and, at batch 1, its assisted generation with
@@ -56,15 +56,15 @@ from kad.fast.roofline import (
     tokens_per_second_at,
 )
 from kad.fast.runner import StaticRunner
-from kad.fast.session import FastSession, decide, fused_round
+from kad.fast.session import Draws, FastSession, decide, decide_sampled, fused_round
 from kad.models import resolve_device, resolve_dtype
 from kad.rules import BaseOnly, Dual, Primal, Rule
-from kad.sampling import Warp, make_generators
-from kad.speculative import AutoGamma, next_token
+from kad.sampling import Warp
+from kad.speculative import AutoGamma
 
 ACCEPTANCE_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
 GREEDY = Warp()
-SAMPLED = Warp(temperature=1.0, top_p=0.9)  # plain KAD sampled: the engine's round, eager mixing
+SAMPLED = Warp(temperature=1.0, top_p=0.9)  # the sampled plain-KAD row
 SAMPLED_LABEL = "KAD dual λ=0.4 sampled (T=1, top-p 0.9)"
 ACCEPTANCE_PROMPTS: tuple[str, ...] = (
     "Explain why the sky is blue in two sentences.",
@@ -342,22 +342,23 @@ def decide_seconds(
         return seconds(run, device)
 
 
-def sampling_seconds(rule: Rule, warp: Warp, batch: int, vocab: int, device: torch.device) -> float:
-    """Time of the sampled round's work after the forwards at γ = 0: mixing, warping π and
-    drawing each row's token with its own generator (eager, as the engine's round runs it)."""
+def sampling_seconds(
+    rule: Rule, warp: Warp, batch: int, vocab: int, device: torch.device, use_graph: bool
+) -> float:
+    """Time of a sampled step's work after the forwards (γ = 0): mixing, warping π and drawing
+    each row's token, as the fused round runs it (`decide_sampled`)."""
     generator = torch.Generator(device=device).manual_seed(0)
     shape = (batch, 1, vocab)
     p = torch.randn(shape, generator=generator, device=device).softmax(-1)
     q = torch.randn(shape, generator=generator, device=device).softmax(-1)
-    generators = make_generators(list(range(batch)), device)
-    none_accepted = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def run() -> torch.Tensor:
-        target = warp(rule.mix(p, q, None).pi)  # [B, 1, V]
-        return next_token(none_accepted, target, target[:, :0], generators)
-
+    draws = Draws(
+        torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
+    )
+    drafted = torch.zeros(batch, 0, dtype=torch.long, device=device)
     with torch.inference_mode():
-        run()
+        run = lambda: decide_sampled(p, q, drafted, rule, warp, None, draws)  # noqa: E731
+        if use_graph:
+            run = Graph(run, run, device).replay
         return seconds(run, device)
 
 
@@ -611,7 +612,9 @@ def time_split(
                 for g in gammas
             },
             "mix_primal_s": decide_seconds(Primal(0.9), batch, 0, vocab, device, base.use_graphs),
-            "mix_sample_s": sampling_seconds(Dual(lam=0.4), SAMPLED, batch, vocab, device),
+            "mix_sample_s": sampling_seconds(
+                Dual(lam=0.4), SAMPLED, batch, vocab, device, base.use_graphs
+            ),
         }
 
 

@@ -3,6 +3,11 @@
 Warping (SPEC section 5) applies to the target π after mixing: temperature T, then top-k, then
 top-p. T = 0 is greedy: the warped target is the one-hot of argmax π (lowest id among ties), so
 greedy decoding and speculative verification are the same code as sampling.
+
+Two sources of randomness, both one stream per row (a row's draws do not depend on its batch):
+- per-row `torch.Generator`s (`make_generators`, `sample`, `uniform`): the engine's round;
+- counter-based uniforms (`counter_uniform`): a pure function of (seed, counter, stream), so a
+  round captured as a CUDA graph draws fresh numbers at every replay with no generator state.
 """
 
 from __future__ import annotations
@@ -76,3 +81,45 @@ def sample(probs: torch.Tensor, generators: list[torch.Generator] | None) -> tor
 def uniform(generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
     """One U(0, 1) draw per row ``[B]``."""
     return torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
+
+
+_MASK32 = 0xFFFFFFFF
+
+
+def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
+    """(x · c) mod 2³² for x in [0, 2³²) as int64, without int64 overflow (c split in halves)."""
+    low = x * (c & 0xFFFF)
+    high = ((x * (c >> 16)) & 0xFFFF) << 16
+    return (low + high) & _MASK32
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash with full avalanche (xor-shift-multiply, "lowbias32")."""
+    x = x ^ (x >> 16)
+    x = _mul32(x, 0x7FEB352D)
+    x = x ^ (x >> 15)
+    x = _mul32(x, 0x846CA68B)
+    return x ^ (x >> 16)
+
+
+def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, stream: int) -> torch.Tensor:
+    """U[0, 1) draws ``[B]``, a pure function of each row's (seed, counter) ``[B]`` int64 and a
+    stream id: equal inputs give equal draws, and distinct ones independent-looking draws.
+    24 random bits per draw, as torch.rand gives float32."""
+    h = _mix32((seeds & _MASK32) ^ 0x9E3779B9)  # constants: no input maps to a fixed point
+    h = _mix32(h ^ ((seeds >> 32) & _MASK32) ^ 0x85EBCA6B)
+    h = _mix32(h ^ (counters & _MASK32) ^ 0xC2B2AE35)
+    h = _mix32(h ^ (stream & _MASK32) ^ 0x27D4EB2F)
+    return (h >> 8).to(torch.float32) * 2.0**-24
+
+
+def sample_inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """The token ``[B]`` whose cumulative-probability interval holds u · Σp, for probabilities
+    ``[B, V]`` and uniforms u ``[B]``: an exact draw from p up to float32 rounding of the
+    cumulative sum. Tokens of probability 0 are never drawn."""
+    cdf = probs.cumsum(dim=-1)  # [B, V]
+    point = (u * cdf[:, -1]).unsqueeze(-1)  # [B, 1]
+    token = torch.searchsorted(cdf, point, right=True).squeeze(-1)  # first cdf > point
+    ids = torch.arange(probs.shape[-1], device=probs.device)
+    last = torch.where(probs > 0, ids, 0).amax(dim=-1)  # a rounding overshoot lands here
+    return torch.minimum(token, last)

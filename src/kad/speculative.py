@@ -48,15 +48,11 @@ def accepted_lengths(
     return accept.long().cumprod(dim=-1).sum(dim=-1)
 
 
-def next_token(
-    accepted: torch.Tensor,
-    target: torch.Tensor,
-    draft_probs: torch.Tensor,
-    generators: list[torch.Generator] | None,
+def next_distribution(
+    accepted: torch.Tensor, target: torch.Tensor, draft_probs: torch.Tensor
 ) -> torch.Tensor:
-    """The token after the accepted drafts ``[B]``: residual sample at the first rejection, or the
-    bonus sample from π̃_{γ+1} when all were accepted.
-
+    """The distribution ``[B, V]`` of the token after the accepted drafts: the residual
+    norm(max(0, π̃_i − q̃_i)) at the first rejection i, or π̃_{γ+1} when all were accepted.
     accepted ``[B]``; target ``[B, γ+1, V]``; draft_probs ``[B, γ, V]``.
     """
     rows = torch.arange(target.shape[0], device=target.device)
@@ -68,7 +64,17 @@ def next_token(
         mass = residual.sum(dim=-1, keepdim=True)
         residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), at)
         at = torch.where((accepted < gamma).unsqueeze(-1), residual, at)
-    return sample(at, generators)
+    return at
+
+
+def next_token(
+    accepted: torch.Tensor,
+    target: torch.Tensor,
+    draft_probs: torch.Tensor,
+    generators: list[torch.Generator] | None,
+) -> torch.Tensor:
+    """A draw ``[B]`` from `next_distribution` with each row's generator (None: greedy)."""
+    return sample(next_distribution(accepted, target, draft_probs), generators)
 
 
 def acceptance_probability(target: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:

@@ -1,16 +1,23 @@
-"""`FastSession`: the engine's decoding session with each greedy round fused on the device.
+"""`FastSession`: the engine's decoding session with each round fused on the device.
 
-A round (SPEC section 6, γ ≥ 0) is one function of the runners' state: γ + 1 proxy steps with
-argmax drafting, one base verify over γ + 1 positions (on a GPU the proxy's last step, which the
-verify does not need, runs beside it on a second stream: in plain KAD the two models' forwards
-overlap), the rule's mixture π, greedy acceptance
-(a draft stands while it is argmax π), and the rollback of both caches. It never reads a value on
-the host, so on CUDA it is captured as one graph per (batch, γ, rule) and a round is one replay
-followed by one copy of its results to the host. On a CPU the same function runs eagerly.
+A round (SPEC section 6, γ ≥ 0) is one function of the runners' state: γ proxy steps that draft
+from the warped q̃ (argmax when greedy), one base verify over γ + 1 positions, the proxy's last
+step (on a GPU beside the verify, on a second stream: in plain KAD the two models' forwards
+overlap), the rule's mixture π and its warped π̃, acceptance with probability min(1, π̃/q̃) (when
+greedy: a draft stands while it is argmax π), the residual or bonus token, and the rollback of
+both caches. It never reads a value on the host, so on CUDA it is captured as one graph per
+(batch, γ, rule, warp) and a round is one replay followed by one copy of its results to the host.
+On a CPU the same function runs eagerly.
 
-Sampling (temperature > 0, per-row generators), the implicit-reward rule (a third model) and
-runners without a static cache take the engine's round (`DecodeSession.step`): each forward is a
-graph replay, mixing and sampling run on the device, and the round reads the host once.
+Sampled rounds draw from `kad.sampling.counter_uniform`: a row's uniforms are a function of its
+seed, its position (the base's valid-token count at the round's start) and a stream id (3j for
+the draft at offset j, 3j + 1 for its acceptance test, 3γ + 2 for the residual or bonus token).
+A row's draws therefore do not depend on its batch, and a replayed graph draws fresh numbers.
+They differ from the engine's per-row generators: the same seed gives other samples than the
+engine's round, from the same distribution.
+
+The implicit-reward rule (a third model) and runners without a static cache take the engine's
+round (`DecodeSession.step`), which also reads the host once per round.
 """
 
 from __future__ import annotations
@@ -23,7 +30,10 @@ from kad.engine import DecodeSession, ModelRunner
 from kad.fast.graphs import Graph, restored
 from kad.fast.runner import StaticRunner
 from kad.rules import Rule
-from kad.speculative import AutoGamma
+from kad.sampling import Warp, counter_uniform, sample_inverse_cdf
+from kad.speculative import AutoGamma, acceptance_probability, next_distribution
+
+GREEDY = Warp()
 
 FIELDS = 6  # emitted token, proxy share, α, TV(π, q*), unfilled budget, predicted acceptance
 
@@ -36,20 +46,28 @@ def fused_round(
     pending_base: torch.Tensor,
     pending_proxy: torch.Tensor,
     beside: torch.cuda.Stream | None = None,
+    warp: Warp = GREEDY,
+    seeds: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, bool]:
-    """One greedy round on the device. pending_* ``[B]``: each model's next input token;
-    ``beside``: a CUDA stream for the proxy's last step, concurrent with the base verify.
+    """One round on the device. pending_* ``[B]``: each model's next input token; ``beside``: a
+    CUDA stream for the proxy's last step, concurrent with the base verify; ``warp`` and, when
+    it samples, the rows' ``seeds`` ``[B]`` int64.
 
     Returns (packed ``[B, FIELDS·(γ+1) + 1]`` float64: the per-position fields of `decide`, then
     the accepted count; the next pending token ``[B]``; whether the rule reports an unfilled
     budget).
     """
+    draws = None if warp.greedy else Draws(seeds, base.next_pos.clone())
     current = pending_proxy
-    q_steps, drafts = [], []
-    for _ in range(gamma):
-        q_i = _proxy_step(proxy, current)  # [B, V]
-        q_steps.append(q_i)
-        current = q_i.argmax(dim=-1)  # greedy draft: argmax of the unwarped q*
+    q_steps, q_tilde, drafts = [], [], []
+    for j in range(gamma):
+        q_j = _proxy_step(proxy, current)  # [B, V]
+        q_steps.append(q_j)
+        if draws is None:
+            current = q_j.argmax(dim=-1)  # greedy draft: argmax of the unwarped q*
+        else:
+            q_tilde.append(warp(q_j))
+            current = sample_inverse_cdf(q_tilde[-1], draws.uniform(3 * j))
         drafts.append(current)
     batch = pending_base.shape[0]
     drafted = (
@@ -70,12 +88,29 @@ def fused_round(
         main.wait_stream(beside)
         q_last.record_stream(main)
         q_steps.append(q_last)
-    fields, accepted, token, has_unfilled = decide(p, torch.stack(q_steps, dim=1), drafted, rule)
+    q = torch.stack(q_steps, dim=1)  # [B, γ+1, V]
+    if draws is None:
+        fields, accepted, token, has_unfilled = decide(p, q, drafted, rule)
+    else:
+        fields, accepted, token, has_unfilled = decide_sampled(
+            p, q, drafted, rule, warp, torch.stack(q_tilde, dim=1) if q_tilde else None, draws
+        )
     kept = accepted + 1
     base.commit(kept, gamma + 1)
     proxy.retract(kept, gamma + 1)
     packed = torch.cat([fields.flatten(1), accepted.unsqueeze(-1).to(fields.dtype)], dim=-1)
     return packed.double(), token, has_unfilled
+
+
+class Draws:
+    """A round's uniforms: row b's draw for stream k is counter_uniform(seed_b, position_b, k),
+    position_b being the row's base valid-token count when the round starts (module doc)."""
+
+    def __init__(self, seeds: torch.Tensor, positions: torch.Tensor) -> None:
+        self.seeds, self.positions = seeds, positions  # [B], [B]
+
+    def uniform(self, stream: int) -> torch.Tensor:
+        return counter_uniform(self.seeds, self.positions, stream)  # [B]
 
 
 def _proxy_step(proxy: StaticRunner, tokens: torch.Tensor) -> torch.Tensor:
@@ -101,20 +136,58 @@ def decide(
     agree = drafted == top[:, :gamma]  # [B, γ]
     accepted = agree.long().cumprod(dim=-1).sum(dim=-1)  # [B]
     token = top.gather(1, accepted.unsqueeze(-1)).squeeze(-1)  # [B]
+    return _fields(mix, q, drafted, accepted, token, agree)
+
+
+def decide_sampled(
+    p: torch.Tensor,
+    q: torch.Tensor,
+    drafted: torch.Tensor,
+    rule: Rule,
+    warp: Warp,
+    q_tilde: torch.Tensor | None,
+    draws: Draws,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
+    """Mix and verify by sampling: p, q ``[B, γ+1, V]``; drafted ``[B, γ]`` drawn from q_tilde
+    ``[B, γ, V]`` (None when γ = 0). Draft j stands when its uniform (stream 3j + 1) is below
+    π̃_j(x_j) / q̃_j(x_j); the next token is drawn (stream 3γ + 2) from the residual at the first
+    rejection, or from π̃_{γ+1}. Returns what `decide` returns; the predicted acceptance is
+    Σ_v min(π̃_v, q̃_v)."""
+    gamma = drafted.shape[1]
+    mix = rule.mix(p, q, None)
+    target = warp(mix.pi)  # [B, γ+1, V] π̃
+    if q_tilde is None:
+        q_tilde = target[:, :0]
+    index = drafted.unsqueeze(-1)
+    ratio = target[:, :gamma].gather(-1, index).squeeze(-1) / q_tilde.gather(-1, index).squeeze(
+        -1
+    )  # [B, γ]
+    tests = [draws.uniform(3 * j + 1) for j in range(gamma)]
+    passed = torch.stack(tests, dim=-1) < ratio if tests else ratio > 0  # [B, γ]
+    accepted = passed.long().cumprod(dim=-1).sum(dim=-1)  # [B]
+    after = next_distribution(accepted, target, q_tilde)  # [B, V]
+    token = sample_inverse_cdf(after, draws.uniform(3 * gamma + 2))
+    predicted = acceptance_probability(target[:, :gamma], q_tilde)  # [B, γ]
+    return _fields(mix, q, drafted, accepted, token, predicted)
+
+
+def _fields(mix, q, drafted, accepted, token, predicted):
+    """Per-position fields ``[B, γ+1, FIELDS]`` of a decided round (see `decide`), with the
+    accepted counts, the next token and whether the rule reports an unfilled budget."""
     emitted = torch.cat([drafted, token.unsqueeze(-1)], dim=-1)
     emitted.scatter_(1, accepted.unsqueeze(-1), token.unsqueeze(-1))  # [B, γ+1]
     chosen = emitted.unsqueeze(-1)
     share = mix.alpha * q.gather(-1, chosen).squeeze(-1) / mix.pi.gather(-1, chosen).squeeze(-1)
     tv = 0.5 * (mix.pi - q).abs().sum(dim=-1)  # [B, γ+1]
     unfilled = mix.unfilled if mix.unfilled is not None else torch.full_like(tv, math.nan)
-    predicted = torch.cat([agree.to(tv.dtype), torch.zeros_like(tv[:, :1])], dim=-1)
+    predicted = torch.cat([predicted.to(tv.dtype), torch.zeros_like(tv[:, :1])], dim=-1)
     columns = [emitted, share, mix.alpha, tv, unfilled, predicted]
     fields = torch.stack([c.to(tv.dtype) for c in columns], dim=-1)  # [B, γ+1, FIELDS]
     return fields, accepted, token, mix.unfilled is not None
 
 
 class FastSession(DecodeSession):
-    """A `DecodeSession` whose greedy rounds over two `StaticRunner`s are fused (module doc)."""
+    """A `DecodeSession` whose rounds over two `StaticRunner`s are fused (module doc)."""
 
     def __init__(
         self,
@@ -122,6 +195,7 @@ class FastSession(DecodeSession):
         prompt_ids: dict[str, list[list[int]]],
         *,
         max_new_tokens: list[int],
+        seeds: list[int],
         speculative: int | str | None = None,
         **kwargs,
     ) -> None:
@@ -130,13 +204,18 @@ class FastSession(DecodeSession):
             if isinstance(runner, StaticRunner):
                 runner.reserve(max(max_new_tokens, default=0) + longest_draft + 1)
         super().__init__(
-            runners, prompt_ids, max_new_tokens=max_new_tokens, speculative=speculative, **kwargs
+            runners,
+            prompt_ids,
+            max_new_tokens=max_new_tokens,
+            seeds=seeds,
+            speculative=speculative,
+            **kwargs,
         )
-        self.fused = (
-            self.warp.greedy
-            and set(runners) == {"base", "proxy"}
-            and all(isinstance(r, StaticRunner) for r in runners.values())
+        self.fused = set(runners) == {"base", "proxy"} and all(
+            isinstance(r, StaticRunner) for r in runners.values()
         )
+        self.seeds = list(seeds)  # by row
+        self._active_seeds: tuple[tuple[int, ...], torch.Tensor] | None = None
         on_gpu = self.fused and runners["base"].device.type == "cuda"
         self.beside = runners["base"].side_stream() if on_gpu else None
 
@@ -186,18 +265,34 @@ class FastSession(DecodeSession):
             return proxy.step_seconds(1), base.step_seconds(gamma + 1)
         return super()._step_costs(gamma, t0, t1, t2)
 
+    def _row_seeds(self) -> torch.Tensor:
+        """The active rows' seeds ``[B]`` on the device, copied there only when rows change."""
+        active = tuple(self.active)
+        if self._active_seeds is None or self._active_seeds[0] != active:
+            values = torch.tensor([self.seeds[row] for row in active], dtype=torch.long)
+            self._active_seeds = (active, values.to(self.base_device))
+        return self._active_seeds[1]
+
     def _run_round(self, base: StaticRunner, proxy: StaticRunner, gamma: int):
-        pend_base, pend_proxy = self.pending["base"], self.pending["proxy"]
+        pend_base, pend_proxy, seeds = (
+            self.pending["base"],
+            self.pending["proxy"],
+            self._row_seeds(),
+        )
         if not (base.use_graphs and proxy.use_graphs):
-            return fused_round(base, proxy, self.rule, gamma, pend_base, pend_proxy, self.beside)
-        key = ("round", proxy.epoch, base.batch, gamma, self.rule)
+            return fused_round(
+                base, proxy, self.rule, gamma, pend_base, pend_proxy, self.beside, self.warp, seeds
+            )
+        key = ("round", proxy.epoch, base.batch, gamma, self.rule, self.warp)
         graph = base.graphs.get(key)
         if graph is None:
             base.drop_graphs([k for k in base.graphs if k[0] == "round" and k[1] != proxy.epoch])
-            inputs = (pend_base.clone(), pend_proxy.clone())
+            inputs = (pend_base.clone(), pend_proxy.clone(), seeds.clone())
 
             def run():
-                return fused_round(base, proxy, self.rule, gamma, *inputs, self.beside)
+                return fused_round(
+                    base, proxy, self.rule, gamma, *inputs[:2], self.beside, self.warp, inputs[2]
+                )
 
             def warmup():
                 with restored(base.state() + proxy.state()):
@@ -205,6 +300,6 @@ class FastSession(DecodeSession):
 
             graph = Graph(run, warmup, base.device, inputs, base.graph_pool())
             base.graphs[key] = graph
-        graph.inputs[0].copy_(pend_base)
-        graph.inputs[1].copy_(pend_proxy)
+        for buffer, value in zip(graph.inputs, (pend_base, pend_proxy, seeds), strict=True):
+            buffer.copy_(value)
         return graph.replay()
