@@ -118,6 +118,32 @@ def test_cache_growth_keeps_the_tokens(aligner, prompt_ids):
     assert [g.token_ids for g in small.results()] == [g.token_ids for g in engine.results()]
 
 
+def test_finished_rows_stay_in_the_batch_until_half_are_done(tiny_dirs):
+    """Rows that finish early stay in the runners' batch (outputs ignored) until half of it is
+    finished, then the batch shrinks: tokens stay the engine's (greedy), and a sampled row
+    draws what it draws alone."""
+    prompts = ["Tom has 3 apples", "Q", "Hello world, this is a tiny", "a b"]
+    budgets = [3, 5, NEW, NEW]
+    engine = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy))
+    fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
+    for speculative in (None, 2):
+        want = engine.generate(prompts, max_new_tokens=budgets, speculative=speculative)
+        got = fast.generate(prompts, max_new_tokens=budgets, speculative=speculative)
+        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    session = fast.start(prompts, max_new_tokens=budgets)
+    batches = []
+    with torch.inference_mode():
+        while not session.done:
+            session.step()
+            batches.append(session.runners["base"].batch)
+    assert batches[0] == 4 and 4 in batches[3:] and batches[-1] == 2  # shrank once, at half
+    warp = {"temperature": 1.0, "top_k": 20}
+    batched = fast.generate(prompts, max_new_tokens=budgets, seed=[1, 2, 3, 4], **warp)
+    for i, prompt in enumerate(prompts):
+        alone = fast.generate([prompt], max_new_tokens=budgets[i], seed=[i + 1], **warp)[0]
+        assert batched[i].token_ids == alone.token_ids
+
+
 def test_sampled_rounds_are_fused_and_a_rows_draws_ignore_its_batch(tiny_dirs):
     """Sampled rounds run fused (counter-based uniforms): a seeded row draws the same tokens
     alone or in a batch, plain or after a different row joins, and again on a second call."""

@@ -215,7 +215,11 @@ class FastSession(DecodeSession):
             isinstance(r, StaticRunner) for r in runners.values()
         )
         self.seeds = list(seeds)  # by row
-        self._active_seeds: tuple[tuple[int, ...], torch.Tensor] | None = None
+        # The runners' batch row of each active row. Fused rounds keep finished rows in the
+        # runners' batch (their outputs are ignored) until half of it is finished: shrinking the
+        # batch moves the caches and re-captures the graphs, so it is done rarely.
+        self.slot_of = list(range(len(self.active)))
+        self._active_seeds: tuple[tuple, torch.Tensor] | None = None
         on_gpu = self.fused and runners["base"].device.type == "cuda"
         self.beside = runners["base"].side_stream() if on_gpu else None
 
@@ -232,10 +236,11 @@ class FastSession(DecodeSession):
             values = packed.tolist()  # the round's one host synchronisation
             token = token.clone()
         width = gamma + 1
+        longest = max(int(row[-1]) for row in values) + 1  # over every batch row, finished too
+        values = [values[slot] for slot in self.slot_of]  # the active rows
         rows = [row[: FIELDS * width] for row in values]
         field = [[row[f::FIELDS] for row in rows] for f in range(FIELDS)]
         accepted = [int(row[-1]) for row in values]
-        longest = max(accepted) + 1
         for runner in (base, proxy):
             runner.length += longest
         base.forwards += 1
@@ -265,12 +270,34 @@ class FastSession(DecodeSession):
             return proxy.step_seconds(1), base.step_seconds(gamma + 1)
         return super()._step_costs(gamma, t0, t1, t2)
 
+    def _drop_finished(self) -> None:
+        """Forget finished rows; shrink the runners' batch only once half of it is finished."""
+        if not getattr(self, "fused", False):
+            return super()._drop_finished()
+        keep = [i for i, row in enumerate(self.active) if self.states[row].finish_reason is None]
+        if len(keep) == len(self.active):
+            return
+        self.active = [self.active[i] for i in keep]
+        self.slot_of = [self.slot_of[i] for i in keep]
+        self.generators = [self.generators[i] for i in keep]
+        batch = self.runners["base"].batch
+        if self.active and len(self.active) > batch // 2:
+            return
+        index = torch.tensor(self.slot_of, dtype=torch.long)
+        for role, runner in self.runners.items():
+            runner.select(index)
+            self.pending[role] = self.pending[role][index.to(runner.device)]
+        self.slot_of = list(range(len(self.active)))
+
     def _row_seeds(self) -> torch.Tensor:
-        """The active rows' seeds ``[B]`` on the device, copied there only when rows change."""
-        active = tuple(self.active)
-        if self._active_seeds is None or self._active_seeds[0] != active:
-            values = torch.tensor([self.seeds[row] for row in active], dtype=torch.long)
-            self._active_seeds = (active, values.to(self.base_device))
+        """Each batch row's seed ``[B]`` on the device (0 for finished rows), copied there only
+        when the rows change."""
+        key = (tuple(self.active), tuple(self.slot_of))
+        if self._active_seeds is None or self._active_seeds[0] != key:
+            values = [0] * self.runners["base"].batch
+            for row, slot in zip(self.active, self.slot_of, strict=True):
+                values[slot] = self.seeds[row]
+            self._active_seeds = (key, torch.tensor(values).to(self.base_device))
         return self._active_seeds[1]
 
     def _run_round(self, base: StaticRunner, proxy: StaticRunner, gamma: int):
