@@ -29,7 +29,7 @@ import torch
 from kad.engine import DecodeSession, ModelRunner
 from kad.fast.graphs import Graph, restored
 from kad.fast.runner import StaticRunner
-from kad.rules import Rule
+from kad.rules import Mix, Rule
 from kad.sampling import Warp, counter_uniform, sample_inverse_cdf
 from kad.speculative import AutoGamma, acceptance_probability, next_distribution
 
@@ -159,9 +159,8 @@ def decide_sampled(
     if q_tilde is None:
         q_tilde = target[:, :0]
     index = drafted.unsqueeze(-1)
-    ratio = target[:, :gamma].gather(-1, index).squeeze(-1) / q_tilde.gather(-1, index).squeeze(
-        -1
-    )  # [B, γ]
+    target_at = target[:, :gamma].gather(-1, index).squeeze(-1)  # [B, γ] π̃_j(x_j)
+    ratio = target_at / q_tilde.gather(-1, index).squeeze(-1)  # over q̃_j(x_j) > 0: x_j ~ q̃_j
     tests = [draws.uniform(3 * j + 1) for j in range(gamma)]
     passed = torch.stack(tests, dim=-1) < ratio if tests else ratio > 0  # [B, γ]
     accepted = passed.long().cumprod(dim=-1).sum(dim=-1)  # [B]
@@ -171,7 +170,14 @@ def decide_sampled(
     return _fields(mix, q, drafted, accepted, token, predicted)
 
 
-def _fields(mix, q, drafted, accepted, token, predicted):
+def _fields(
+    mix: Mix,
+    q: torch.Tensor,
+    drafted: torch.Tensor,
+    accepted: torch.Tensor,
+    token: torch.Tensor,
+    predicted: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, bool]:
     """Per-position fields ``[B, γ+1, FIELDS]`` of a decided round (see `decide`), with the
     accepted counts, the next token and whether the rule reports an unfilled budget."""
     emitted = torch.cat([drafted, token.unsqueeze(-1)], dim=-1)
