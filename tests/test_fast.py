@@ -118,18 +118,24 @@ def test_cache_growth_keeps_the_tokens(aligner, prompt_ids):
     assert [g.token_ids for g in small.results()] == [g.token_ids for g in engine.results()]
 
 
+def same_tokens_on_both_paths(tiny_dirs, prompts, budgets, speculative_values) -> kad.Aligner:
+    """Assert that Aligner(fast=True) decodes the engine's greedy tokens; return that aligner."""
+    engine = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy))
+    fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
+    for speculative in speculative_values:
+        want = engine.generate(prompts, max_new_tokens=budgets, speculative=speculative)
+        got = fast.generate(prompts, max_new_tokens=budgets, speculative=speculative)
+        assert [g.token_ids for g in got] == [g.token_ids for g in want], speculative
+    return fast
+
+
 def test_finished_rows_stay_in_the_batch_until_half_are_done(tiny_dirs):
     """Rows that finish early stay in the runners' batch (outputs ignored) until half of it is
     finished, then the batch shrinks: tokens stay the engine's (greedy), and a sampled row
     draws what it draws alone."""
     prompts = ["Tom has 3 apples", "Q", "Hello world, this is a tiny", "a b"]
     budgets = [3, 5, NEW, NEW]
-    engine = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy))
-    fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
-    for speculative in (None, 2):
-        want = engine.generate(prompts, max_new_tokens=budgets, speculative=speculative)
-        got = fast.generate(prompts, max_new_tokens=budgets, speculative=speculative)
-        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    fast = same_tokens_on_both_paths(tiny_dirs, prompts, budgets, (None, 2))
     session = fast.start(prompts, max_new_tokens=budgets)
     batches = []
     with torch.inference_mode():
@@ -246,12 +252,7 @@ def test_aligner_fast_path_matches_and_reuses_its_runners(tiny_dirs):
     """Aligner(fast=True) decodes through static runners (eager on CPU) with the engine's
     tokens; a finished session's runners serve the next call, a live one's are not shared."""
     prompts = ["Tom has 3 apples", "Q"]
-    engine = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy))
-    fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
-    for speculative in (None, 3):
-        want = engine.generate(prompts, max_new_tokens=NEW, speculative=speculative)
-        got = fast.generate(prompts, max_new_tokens=NEW, speculative=speculative)
-        assert [g.token_ids for g in got] == [g.token_ids for g in want]
+    fast = same_tokens_on_both_paths(tiny_dirs, prompts, NEW, (None, 3))
     first = fast.start(prompts, max_new_tokens=NEW)
     assert first.fused and all(isinstance(r, StaticRunner) for r in first.runners.values())
     second = fast.start(prompts, max_new_tokens=NEW)  # `first` is live: fresh runners
