@@ -6,9 +6,10 @@
 #   scripts/gpu_bench.sh dev      fp32 checks of three families + Aligner; llama3 B=1 with profile
 #   scripts/gpu_bench.sh main     fp32 correctness check + the llama3 pair below
 #   scripts/gpu_bench.sh final    olmo2 pair at batches 1, 32; llama3 at batch 1; kernel profiles
-#   scripts/gpu_bench.sh llama3   llama3-8b + llama3.2-1b, batches 1, 8, 32
-#   scripts/gpu_bench.sh olmo2    olmo2-13b + olmo2-1b
-#   scripts/gpu_bench.sh qwen3    qwen3-14b + qwen3-1.7b
+#   scripts/gpu_bench.sh llama3   llama3-8b + llama3.2-1b, batches 1 and 32, with transformers
+#   scripts/gpu_bench.sh olmo2    olmo2-13b + olmo2-1b, the same
+#   scripts/gpu_bench.sh qwen3    qwen3-14b + qwen3-1.7b, the same
+#   scripts/gpu_bench.sh olmo2_b8 a pair at batch 8 (also llama3_b8, qwen3_b8)
 set -euo pipefail
 stage=${1:-smoke}
 OUT=${OUT:-out}
@@ -19,6 +20,10 @@ python3 -c 'import torch, transformers, triton; print("torch", torch.__version__
   transformers.__version__, "triton", triton.__version__, torch.cuda.get_device_name())'
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm,clocks.max.mem \
   --format=csv,noheader || true
+
+preset() {  # the base preset of a family
+  case $1 in llama3) echo llama3-8b ;; olmo2) echo olmo2-13b ;; qwen3) echo qwen3-14b ;; esac
+}
 
 bench() {  # bench NAME ARGS...: `kad bench ARGS --out $OUT/NAME.json`, tables to NAME.log
   local name=$1
@@ -49,10 +54,13 @@ case $stage in
     bench llama3_b1 --random-init llama3-8b --batch 1 --repeats 3 --assisted-gammas 4 \
       --no-transformers --no-check --profile
     ;;
-  llama3 | olmo2 | qwen3)
-    preset=$(case $stage in llama3) echo llama3-8b ;; olmo2) echo olmo2-13b ;; qwen3) echo qwen3-14b ;; esac)
-    bench "$stage" --random-init "$preset" --batch 1,8,32 --repeats "${REPEATS:-3}" \
-      --assisted-gammas "${ASSISTED:-2,4}"
+  llama3 | olmo2 | qwen3)  # a pair at batches 1 and 32 with transformers and profiles
+    bench "$stage" --random-init "$(preset "$stage")" --batch 1,32 --repeats "${REPEATS:-2}" \
+      --assisted-gammas "${ASSISTED:-4}" --profile
+    ;;
+  llama3_b8 | olmo2_b8 | qwen3_b8)  # batch 8 (each stage fits one 10-minute call)
+    bench "$stage" --random-init "$(preset "${stage%_b8}")" --batch 8 --repeats 2 \
+      --gammas 1,2,3,4 --no-transformers --no-check
     ;;
   *)
     echo "unknown stage $stage" >&2
