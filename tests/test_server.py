@@ -409,3 +409,36 @@ def test_builtin_pair_serves_chat_and_streams() -> None:
         )
         streamed = "".join(chunk.choices[0].delta.content or "" for chunk in stream)
     assert response.choices[0].message.content == expected.text == streamed
+
+
+def test_static_runners_serve_concurrent_sessions(
+    tiny_dirs: SimpleNamespace, tiny_aligner: kad.Aligner
+) -> None:
+    """The server over the static-cache path (fast=True, eager on CPU): sessions that run side
+    by side never share runners, finished rows wait in the batch, and every answer equals the
+    request decoded alone on the engine's path."""
+    fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
+    recorded = RecordingAligner(fast)
+    app = create_app(recorded, max_batch=8)
+    requests = [(f"Tom has {i} apples and buys", 3 + i % 5) for i in range(24)]
+    with serving(app) as url:
+
+        async def run_all() -> list[str]:
+            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+
+            async def one(prompt: str, max_tokens: int) -> str:
+                r = await client.completions.create(
+                    model="kad", prompt=prompt, max_tokens=max_tokens, temperature=0
+                )
+                return r.choices[0].text
+
+            async with client:
+                return await asyncio.gather(*(one(*r) for r in requests))
+
+        answers = asyncio.run(run_all())
+    for (prompt, max_tokens), answer in zip(requests, answers, strict=True):
+        assert answer == alone(tiny_aligner, prompt, max_new_tokens=max_tokens).text
+    sessions = recorded.sessions
+    assert all(s.fused for s in sessions) and len(sessions) > 1
+    runner_ids = [id(s.runners["base"]) for s in sessions]
+    assert len(set(runner_ids)) < len(runner_ids)  # a finished session's runners were reused
