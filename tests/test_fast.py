@@ -262,6 +262,10 @@ def test_aligner_fast_path_matches_and_reuses_its_runners(tiny_dirs):
             first.step()
     third = fast.start(prompts, max_new_tokens=NEW)
     assert all(third.runners[r] is first.runners[r] for r in first.runners)
+    live = [fast.start(prompts, max_new_tokens=NEW) for _ in range(6)]  # beside second, third
+    bases = {id(x.runners["base"]) for x in [second, third, *live]}
+    assert len(bases) == 8  # no two live sessions share runners
+    assert len(fast._runner_sets) == kad.aligner.MAX_RUNNER_SETS  # the others are not kept
     assert (
         kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy))
         .start(prompts)

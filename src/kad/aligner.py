@@ -37,6 +37,20 @@ from kad.sampling import Warp
 from kad.speculative import parse_speculative
 
 PromptLike = str | Raw | Prompt | Sequence[dict]
+MAX_RUNNER_SETS = 4  # static runner sets an Aligner keeps between sessions (each holds KV caches)
+
+
+@dataclass
+class _RunnerSet:
+    """Static runners kept between sessions, and the session decoding with them (if any)."""
+
+    runners: dict[str, StaticRunner]
+    holder: weakref.ref | None = None
+
+    @property
+    def free(self) -> bool:
+        session = self.holder() if self.holder is not None else None
+        return session is None or session.done
 
 
 @dataclass
@@ -70,10 +84,9 @@ class Aligner:
         # Static KV caches and compiled steps (kad.fast): None = on a CUDA device, for the
         # architectures the compact forward supports; the engine's runners otherwise.
         self.fast = fast
-        # Static runners kept between sessions (their buffers and CUDA graphs stay valid), and
-        # the session that holds them now.
-        self._static: dict[str, StaticRunner] = {}
-        self._static_holder: weakref.ref | None = None
+        # Sets of static runners kept between sessions (their buffers and CUDA graphs stay
+        # valid), each with the session that holds it now.
+        self._runner_sets: list[_RunnerSet] = []
         if proxy_base is not None:
             self.members["proxy_base"] = proxy_base
         self.vocab_size = shared_vocab_size(
@@ -162,26 +175,30 @@ class Aligner:
     def _runners(self, rule: Rule) -> dict[str, ModelRunner | StaticRunner]:
         """A KV cache per model the rule reads (q only for rules that need it).
 
-        Static runners are reused while no unfinished session holds them, so their buffers and
-        captured graphs serve the next call; engine runners are made fresh."""
+        Static runners come from a set that no unfinished session holds, so their buffers and
+        captured graphs serve the next call; up to `MAX_RUNNER_SETS` sets are kept (sessions
+        that run side by side, as in a server, each need one). Engine runners are made fresh."""
         roles = [r for r in self.members if r != "proxy_base" or rule.needs_proxy_base]
-        holder = self._static_holder() if self._static_holder is not None else None
-        free = holder is None or holder.done
-        if free and self._static and set(roles) <= set(self._static):
-            return {role: self._static[role] for role in roles}
+        free = [entry for entry in self._runner_sets if entry.free]
+        for entry in free:
+            if set(roles) <= set(entry.runners):
+                return {role: entry.runners[role] for role in roles}
         runners = {
             role: make_runner(self.members[role].model, self.vocab_size, fast=self.fast)
             for role in roles
         }
-        if free and all(isinstance(r, StaticRunner) for r in runners.values()):
-            self._static = dict(runners)
-            self._static_holder = None
+        if all(isinstance(r, StaticRunner) for r in runners.values()):
+            if len(self._runner_sets) >= MAX_RUNNER_SETS and free:
+                self._runner_sets.remove(free[0])  # a set for other roles: replace it
+            if len(self._runner_sets) < MAX_RUNNER_SETS:
+                self._runner_sets.append(_RunnerSet(dict(runners)))
         return runners
 
     def _hold(self, session: DecodeSession) -> None:
-        """Mark the kept static runners busy while ``session`` decodes with them."""
-        if any(r is self._static.get(role) for role, r in session.runners.items()):
-            self._static_holder = weakref.ref(session)
+        """Mark the kept set of ``session``'s runners busy while it decodes."""
+        for entry in self._runner_sets:
+            if any(r is entry.runners.get(role) for role, r in session.runners.items()):
+                entry.holder = weakref.ref(session)
 
     def _check_rule(self, rule: Rule | str) -> Rule:
         if isinstance(rule, str):
