@@ -112,15 +112,6 @@ def load_aligner(
     return Aligner.from_pretrained(base, proxy, proxy_base, dtype=dtype, device=device)
 
 
-def without_proxy_base(aligner: Any) -> Any:
-    """The same base and proxy, without the proxy's base model (which would run every step)."""
-    from kad.aligner import Aligner
-
-    if "proxy_base" not in aligner.members:
-        return aligner
-    return Aligner(aligner.members["base"], aligner.members["proxy"])
-
-
 def run_record(
     base: str,
     proxy: str,
@@ -280,10 +271,9 @@ def sweep_command(
     )
     check_proxy_base(points, proxy_base)
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
-    full = load_aligner(base, proxy, proxy_base, device, dtype)
-    slim = without_proxy_base(full)
+    aligner = load_aligner(base, proxy, proxy_base, device, dtype)
     summaries = run_sweep(
-        lambda r: full if r.needs_proxy_base else slim,
+        aligner,
         tasks,
         points,
         out,

@@ -55,7 +55,7 @@ def grid(
 
 
 def run_sweep(
-    aligner_for: Callable[[Rule], Any],
+    aligner: Any,
     tasks: Sequence[Task],
     points: Sequence[Rule],
     out_dir: str | os.PathLike[str],
@@ -64,8 +64,8 @@ def run_sweep(
 ) -> list[dict[str, Any]]:
     """Every task at every point; returns the summaries.
 
-    ``aligner_for(rule)`` gives the aligner to decode with (so that the proxy's base model runs
-    only for the rules that need it); ``run_for(rule)`` the method record of ``run.json``.
+    ``aligner`` decodes every point (it runs the proxy's base model only for the rules that read
+    it); ``run_for(rule)`` gives the method record of ``run.json``.
     ``eval_kwargs`` go to `run_eval` (data_dir, limit, batch_size, decoding, progress).
     """
     root = Path(out_dir)
@@ -73,7 +73,5 @@ def run_sweep(
     for rule in points:
         folder = root / method_name(rule.name, rule_params(rule))
         for task in tasks:
-            summaries.append(
-                run_eval(aligner_for(rule), task, rule, folder, run_for(rule), **eval_kwargs)
-            )
+            summaries.append(run_eval(aligner, task, rule, folder, run_for(rule), **eval_kwargs))
     return summaries
