@@ -18,6 +18,7 @@ import os
 import sys
 import time
 from collections import Counter
+from pathlib import Path
 
 import torch
 
@@ -27,6 +28,9 @@ from kad.engine import DecodeSession, ModelRunner
 from kad.fast import FastSession, StaticRunner
 from kad.fast.presets import random_model
 from kad.sampling import Warp
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.stats
+from tests.stats import homogeneity_p_value
 
 NEW = 48
 
@@ -135,7 +139,6 @@ def check_sampled_distribution() -> dict:
     sampler, on a random pair over 12 tokens with spread-out distributions: 3-token outputs,
     2000 samples each, chi-square homogeneity (rare outcomes pooled). A correct sampler fails
     at 0.001 one time in 1000."""
-    from scipy.stats import chi2_contingency
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config = dict(
@@ -166,14 +169,8 @@ def check_sampled_distribution() -> dict:
     out: dict = {"preset": "12-token random pair, sampled: fused vs engine", "samples": n}
     for spec in (None, 2):
         got, session = outcomes(FastSession, StaticRunner, 10_000, spec)
-        keys = sorted(set(reference) | set(got))
-        common = [k for k in keys if reference[k] + got[k] >= 10]
-        rare = [k for k in keys if reference[k] + got[k] < 10]
-        table = [[reference[k] for k in common], [got[k] for k in common]]
-        if rare:
-            table[0].append(sum(reference[k] for k in rare))
-            table[1].append(sum(got[k] for k in rare))
-        p_value = float(chi2_contingency(table).pvalue)
+        keys = set(reference) | set(got)
+        p_value = homogeneity_p_value(reference, got)
         label = f"sampled γ={spec}" if spec else "sampled plain"
         out[label] = {
             "fused": session.fused,

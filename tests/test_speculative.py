@@ -7,7 +7,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from scipy.stats import chi2_contingency, chisquare
+from scipy.stats import chisquare
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     LlamaConfig,
@@ -20,6 +20,7 @@ from transformers import (
 import kad
 from kad.speculative import AutoGamma, expected_tokens
 from tests.conftest import CHAT_TEMPLATE
+from tests.stats import homogeneity_p_value
 from tests.test_engine import PROMPTS, RULES
 
 SIGNIFICANCE = 0.001  # each statistical test rejects a correct sampler with probability 0.001
@@ -137,18 +138,6 @@ def tiny_vocab(tmp_path_factory) -> SimpleNamespace:
 def outcomes(aligner, n: int, seed0: int, **kw) -> tuple[Counter, list[kad.Generation]]:
     gens = aligner.generate(["a b c"] * n, seed=list(range(seed0, seed0 + n)), **kw)
     return Counter(tuple(g.token_ids) for g in gens), gens
-
-
-def homogeneity_p_value(a: Counter, b: Counter) -> float:
-    """Chi-square test that two samples come from one distribution; rare cells are pooled."""
-    keys = sorted(set(a) | set(b))
-    common = [k for k in keys if a[k] + b[k] >= 10]
-    rare = [k for k in keys if a[k] + b[k] < 10]
-    table = [[a[k] for k in common], [b[k] for k in common]]
-    if rare:
-        table[0].append(sum(a[k] for k in rare))
-        table[1].append(sum(b[k] for k in rare))
-    return chi2_contingency(table).pvalue
 
 
 @pytest.mark.parametrize(
