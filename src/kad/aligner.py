@@ -93,10 +93,11 @@ class Aligner:
             [m.tokenizer for m in self.members.values()],
             [m.model.get_output_embeddings().weight.shape[0] for m in self.members.values()],
         )
+        proxy_eos = eos_ids(proxy.model, proxy.tokenizer)
         self.eos_ids = {
-            i for m in (base, proxy) for i in eos_ids(m.model, m.tokenizer) if i < self.vocab_size
+            i for i in eos_ids(base.model, base.tokenizer) | proxy_eos if i < self.vocab_size
         }
-        if not self.eos_ids & eos_ids(proxy.model, proxy.tokenizer):
+        if not self.eos_ids & proxy_eos:
             warnings.warn(
                 "none of the proxy's EOS ids lies in the shared vocabulary: generations will "
                 "stop only at max_new_tokens or a stop string",

@@ -13,9 +13,10 @@ The engine never looks inside the rule: it hands it (p, q*, q) and gets back a `
 
 from __future__ import annotations
 
+import functools
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from inspect import signature
 
@@ -25,7 +26,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kad.outputs import Generation, GenerationStats, StepEvent
 from kad.rules import Rule
-from kad.sampling import Warp, make_generators, sample
+from kad.sampling import Warp, make_generators, sample, uniform
 from kad.speculative import AutoGamma, acceptance_probability, accepted_lengths, next_token
 
 
@@ -39,12 +40,18 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
     return torch.log_softmax(logits, dim=-1)
 
 
+@functools.cache
+def _crop_takes_a_count(cache_type: type) -> bool:
+    """transformers ≥ 5.23: ``crop(tokens_to_remove)`` (negative); before: ``crop(max_length)``."""
+    return "tokens_to_remove" in signature(cache_type.crop).parameters
+
+
 def _crop(cache, length: int) -> None:
     """Cut a transformers cache back to ``length`` positions (the API changed in transformers 5)."""
     current = cache.get_seq_length()
     if length >= current:
         return
-    if "tokens_to_remove" in signature(cache.crop).parameters:
+    if _crop_takes_a_count(type(cache)):
         cache.crop(length - current)
     else:
         cache.crop(length)
@@ -60,7 +67,6 @@ class ModelRunner:
         self.cache = None
         self.mask = torch.zeros(0, 0, dtype=torch.long, device=self.device)  # [B, L]
         self.next_pos = torch.zeros(0, dtype=torch.long, device=self.device)  # [B]
-        self.forwards = 0
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Cache every prompt token but the last; return the last ones ``[B]``, still to feed."""
@@ -99,7 +105,6 @@ class ModelRunner:
         )
         self.cache, self.mask = out.past_key_values, mask
         self.next_pos = self.next_pos + n
-        self.forwards += 1
         return log_probs(out.logits[..., : self.vocab_size])
 
     def rollback(self, kept: torch.Tensor, span: int, longest: int | None = None) -> None:
@@ -232,12 +237,12 @@ class DecodeSession:
 
         t0 = time.perf_counter()
         current = self.pending["proxy"]
-        q_logs, draft_probs, drafts = [], [], []
+        q_steps, draft_probs, drafts = [], [], []
         for i in range(gamma + 1):
-            log_q = proxy.forward(current.unsqueeze(-1))[:, 0].to(dev)  # [B, V]
-            q_logs.append(log_q)
+            q_i = proxy.forward(current.unsqueeze(-1))[:, 0].to(dev).exp()  # [B, V]
+            q_steps.append(q_i)
             if i < gamma:
-                q_warped = self.warp(log_q.exp())
+                q_warped = self.warp(q_i)
                 current = sample(q_warped, generators)
                 draft_probs.append(q_warped)
                 drafts.append(current)
@@ -253,14 +258,19 @@ class DecodeSession:
 
         p = base.forward(verify_inputs("base")).to(dev).exp()  # [B, γ+1, V]
         t2 = time.perf_counter()
-        q = torch.stack(q_logs, dim=1).exp()  # [B, γ+1, V]
+        q = torch.stack(q_steps, dim=1)  # [B, γ+1, V]
         q_base = None
         if proxy_base is not None:
             q_base = proxy_base.forward(verify_inputs("proxy_base")).to(dev).exp()
         mix = self.rule.mix(p, q, q_base)
         target = self.warp(mix.pi)  # [B, γ+1, V]
         q_tilde = torch.stack(draft_probs, dim=1) if draft_probs else target[:, :0]
-        accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde, generators)
+        uniforms = (
+            torch.stack([uniform(generators, dev) for _ in range(gamma)], dim=-1)
+            if generators is not None and gamma
+            else None
+        )  # [B, γ]
+        accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde, uniforms)
         token = next_token(accepted, target, q_tilde, generators)  # [B]
 
         emitted = torch.cat([drafted, torch.zeros_like(token).unsqueeze(-1)], dim=-1)
@@ -289,9 +299,7 @@ class DecodeSession:
         for role, runner in self.runners.items():
             runner.rollback(kept, gamma + 1, longest=max(accepted_rows) + 1)
             self.pending[role] = token.to(runner.device)
-        if self.auto is not None and gamma > 0:
-            judged = sum(min(k + 1, gamma) for k in accepted_rows)
-            self.auto.update(sum(accepted_rows) / judged, *self._step_costs(gamma, t0, t1, t2))
+        self._update_auto(gamma, accepted_rows, lambda: self._step_costs(gamma, t0, t1, t2))
         return self._record(
             gamma,
             [[int(t) for t in row] for row in columns[0]],
@@ -302,6 +310,16 @@ class DecodeSession:
             columns[4] if mix.unfilled is not None else None,
             [row[:gamma] for row in columns[-1]],
         )
+
+    def _update_auto(
+        self, gamma: int, accepted: list[int], costs: Callable[[], tuple[float, float]]
+    ) -> None:
+        """Feed auto γ the round's acceptance (accepted / judged drafts) and ``costs()``: the
+        seconds of one proxy step and of the base verify."""
+        if self.auto is None or gamma == 0:
+            return
+        judged = sum(min(k + 1, gamma) for k in accepted)
+        self.auto.update(sum(accepted) / judged, *costs())
 
     def _step_costs(self, gamma: int, t0: float, t1: float, t2: float) -> tuple[float, float]:
         """Seconds of one proxy step and of the base verify of γ + 1 tokens, for auto γ: here

@@ -17,34 +17,32 @@ The chance of accepting at a position is ``Σ_v min(π̃_v, q̃_v) = 1 − TV(π
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
 from kad.errors import KadError
-from kad.sampling import sample, uniform
+from kad.sampling import sample
 
 
 def accepted_lengths(
     drafts: torch.Tensor,
     target: torch.Tensor,
     draft_probs: torch.Tensor,
-    generators: list[torch.Generator] | None,
+    uniforms: torch.Tensor | None,
 ) -> torch.Tensor:
     """Number of leading drafts accepted per row ``[B]``.
 
-    drafts ``[B, γ]`` token ids; target ``[B, γ, V]`` = π̃_1..γ; draft_probs ``[B, γ, V]`` = q̃_1..γ.
+    drafts ``[B, γ]`` token ids; target ``[B, γ, V]`` = π̃_1..γ; draft_probs ``[B, γ, V]`` = q̃_1..γ;
+    uniforms ``[B, γ]`` U[0, 1) draws, one per draft (None: greedy).
     """
     gamma = drafts.shape[1]
     if gamma == 0:
         return torch.zeros(drafts.shape[0], dtype=torch.long, device=drafts.device)
     index = drafts.unsqueeze(-1)
     ratio = target.gather(-1, index).squeeze(-1) / draft_probs.gather(-1, index).squeeze(-1)
-    if generators is None:  # greedy: one-hot targets, so the ratio is 1 (accept) or 0
-        accept = ratio > 0
-    else:
-        draws = torch.stack([uniform(generators, drafts.device) for _ in range(gamma)], dim=-1)
-        accept = draws < ratio  # [B, γ]; u ∈ [0, 1) so P(accept) = min(1, ratio)
+    # greedy: one-hot targets, so the ratio is 1 (accept) or 0; else P(u < ratio) = min(1, ratio)
+    accept = ratio > 0 if uniforms is None else uniforms < ratio  # [B, γ]
     return accept.long().cumprod(dim=-1).sum(dim=-1)
 
 
@@ -104,7 +102,6 @@ class AutoGamma:
     acceptance: float = 0.7
     cost_ratio: float = 0.2
     smoothing: float = 0.3
-    history: list[int] = field(default_factory=list)
 
     def choose(self) -> int:
         def rate(gamma: int) -> float:
@@ -112,7 +109,6 @@ class AutoGamma:
             return expected_tokens(a, gamma) / ((gamma + 1) * self.cost_ratio + 1.0)
 
         gamma = max(range(1, self.gamma_max + 1), key=rate)
-        self.history.append(gamma)
         return gamma
 
     def update(self, acceptance: float, proxy_step_s: float, base_step_s: float) -> None:

@@ -59,7 +59,6 @@ class StaticRunner:
             compile = self.use_graphs and os.environ.get("KAD_COMPILE", "1") != "0"
         self.compiled = compile
         self.layer_fn = compiled_layer() if compile else layer_forward
-        self.forwards = 0
         self.room = DEFAULT_ROOM
         self.batch = self.slots = self.length = 0
         self.epoch = 0  # bumped whenever the buffers move: graphs over the old ones are stale
@@ -167,7 +166,6 @@ class StaticRunner:
             out = self.logits(tokens)
         self.advance(n)
         self.length += n
-        self.forwards += 1
         return out
 
     @torch.inference_mode()
@@ -184,11 +182,11 @@ class StaticRunner:
     def select(self, rows: torch.Tensor) -> None:
         """Keep only these batch rows ``[B']`` (new buffers: graphs are captured again).
         Dropping every row keeps the buffers and graphs for the next prefill of this size."""
-        rows = rows.to(self.device)
         if rows.numel() == 0:
             return
         if rows.numel() == self.batch and torch.equal(rows.cpu(), torch.arange(self.batch)):
-            return
+            return  # (callers pass host tensors: no device round trip)
+        rows = rows.to(self.device)
         self.k = [t[rows] for t in self.k]
         self.v = [t[rows] for t in self.v]
         self.valid, self.next_pos = self.valid[rows], self.next_pos[rows]

@@ -31,7 +31,12 @@ from kad.fast.graphs import Graph, restored
 from kad.fast.runner import StaticRunner
 from kad.rules import Mix, Rule
 from kad.sampling import Warp, counter_uniform, sample_inverse_cdf
-from kad.speculative import AutoGamma, acceptance_probability, next_distribution
+from kad.speculative import (
+    AutoGamma,
+    acceptance_probability,
+    accepted_lengths,
+    next_distribution,
+)
 
 GREEDY = Warp()
 
@@ -158,12 +163,9 @@ def decide_sampled(
     target = warp(mix.pi)  # [B, γ+1, V] π̃
     if q_tilde is None:
         q_tilde = target[:, :0]
-    index = drafted.unsqueeze(-1)
-    target_at = target[:, :gamma].gather(-1, index).squeeze(-1)  # [B, γ] π̃_j(x_j)
-    ratio = target_at / q_tilde.gather(-1, index).squeeze(-1)  # over q̃_j(x_j) > 0: x_j ~ q̃_j
     tests = [draws.uniform(3 * j + 1) for j in range(gamma)]
-    passed = torch.stack(tests, dim=-1) < ratio if tests else ratio > 0  # [B, γ]
-    accepted = passed.long().cumprod(dim=-1).sum(dim=-1)  # [B]
+    uniforms = torch.stack(tests, dim=-1) if tests else None  # [B, γ]
+    accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde, uniforms)  # [B]
     after = next_distribution(accepted, target, q_tilde)  # [B, V]
     token = sample_inverse_cdf(after, draws.uniform(3 * gamma + 2))
     predicted = acceptance_probability(target[:, :gamma], q_tilde)  # [B, γ]
@@ -194,6 +196,8 @@ def _fields(
 
 class FastSession(DecodeSession):
     """A `DecodeSession` whose rounds over two `StaticRunner`s are fused (module doc)."""
+
+    fused = False  # until __init__ has its runners (the base class may drop rows before)
 
     def __init__(
         self,
@@ -249,14 +253,8 @@ class FastSession(DecodeSession):
         accepted = [int(row[-1]) for row in values]
         for runner in (base, proxy):
             runner.length += longest
-        base.forwards += 1
-        proxy.forwards += width
         self.pending = {"base": token, "proxy": token}
-        if self.auto is not None and gamma > 0:
-            judged = sum(min(k + 1, gamma) for k in accepted)
-            self.auto.update(
-                sum(accepted) / judged, proxy.step_seconds(1), base.step_seconds(gamma + 1)
-            )
+        self._update_auto(gamma, accepted, lambda: self._step_costs(gamma, 0.0, 0.0, 0.0))
         return self._record(
             gamma,
             [[int(t) for t in row] for row in field[0]],
@@ -278,7 +276,7 @@ class FastSession(DecodeSession):
 
     def _drop_finished(self) -> None:
         """Forget finished rows; shrink the runners' batch only once half of it is finished."""
-        if not getattr(self, "fused", False):
+        if not self.fused:
             return super()._drop_finished()
         keep = [i for i, row in enumerate(self.active) if self.states[row].finish_reason is None]
         if len(keep) == len(self.active):
