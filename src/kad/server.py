@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kad.errors import KadError, PromptError
+from kad.outputs import jsonable
 from kad.rules import LOSSES, RULE_NAMES, Rule, make_rule
 from kad.scheduler import DecodeParams, Job, JobDone, JobFailed, RowDelta, Scheduler
 from kad.speculative import parse_speculative
@@ -149,6 +150,10 @@ class SamplingRequest(BaseModel):
     presence_penalty: float | None = Field(None, ge=0, le=0, description="only 0 is supported")
     frequency_penalty: float | None = Field(None, ge=0, le=0, description="only 0 is supported")
     kad: KadOptions | None = None
+
+    def include_usage(self) -> bool:
+        """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
+        return self.stream_options is not None and self.stream_options.include_usage
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -319,18 +324,9 @@ def resolve_rule(default: Rule, options: KadOptions | None) -> Rule:
         raise APIError(400, str(error), param="kad") from None
 
 
-def _finite(value: Any) -> Any:
-    """JSON has no NaN/inf: report them as null."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, list):
-        return [_finite(v) for v in value]
-    return value
-
-
 def choice_stats(generation: Any) -> dict[str, Any]:
     """One choice's `kad.GenerationStats`, without the fields that do not apply (None)."""
-    return {k: _finite(v) for k, v in generation.stats.to_dict().items() if v is not None}
+    return {k: jsonable(v) for k, v in generation.stats.to_dict().items() if v is not None}
 
 
 def summary_stats(rule: Rule, speculative: Any, generations: list[Any]) -> dict[str, Any]:
@@ -339,7 +335,7 @@ def summary_stats(rule: Rule, speculative: Any, generations: list[Any]) -> dict[
     params = {
         k: getattr(rule, k) for k in RULE_PARAMS.get(_rule_key(rule.name), ()) if hasattr(rule, k)
     }
-    summary: dict[str, Any] = {"rule": rule.name, **{k: _finite(v) for k, v in params.items()}}
+    summary: dict[str, Any] = {"rule": rule.name, **{k: jsonable(v) for k, v in params.items()}}
     summary["speculative"] = speculative
     stats = [g.stats for g in generations]
     for key in ("deferral_rate", "mean_alpha", "mean_tv", "acceptance", "tokens_per_base_forward"):
@@ -430,7 +426,7 @@ def create_app(
                 code="model_not_found",
             )
 
-    def decode_params(body: SamplingRequest, max_tokens: int) -> tuple[DecodeParams, Rule, Any]:
+    def decode_params(body: SamplingRequest, max_tokens: int) -> DecodeParams:
         chosen = resolve_rule(default_rule, body.kad)
         spec = (
             speculative
@@ -438,7 +434,7 @@ def create_app(
             else body.kad.speculative
         )
         spec = None if spec == 0 else spec
-        params = DecodeParams(
+        return DecodeParams(
             rule=chosen,
             max_new_tokens=max_tokens,
             temperature=body.temperature,
@@ -446,7 +442,9 @@ def create_app(
             stop=body.stops(),
             speculative=spec,
         )
-        return params, chosen, spec
+
+    def summary(job: Job, generations: list[Any]) -> dict[str, Any]:
+        return summary_stats(job.params.rule, job.params.speculative, generations)
 
     def submit(rows: list[Any], params: DecodeParams, seed: int | None) -> Job:
         try:
@@ -495,7 +493,6 @@ def create_app(
         first: RowDelta | JobDone,
         chunk: Callable[[int, str, str | None, dict[str, Any] | None], dict[str, Any]],
         header: Callable[[], dict[str, Any]],
-        summary: Callable[[list[Any]], dict[str, Any]],
         include_usage: bool,
         param: str,
     ) -> StreamingResponse:
@@ -515,7 +512,7 @@ def create_app(
                                     **header(),
                                     "choices": [],
                                     "usage": _usage(event).model_dump(),
-                                    "kad": summary(event.generations),
+                                    "kad": summary(job, event.generations),
                                 }
                             )
                         break
@@ -557,16 +554,13 @@ def create_app(
         """Text completion of one prompt or a list of prompts; choice i·n + j is prompt i's j-th."""
         check_model(body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        params, chosen, spec = decode_params(body, body.max_tokens or 16)
+        params = decode_params(body, body.max_tokens or 16)
         rows = [text for text in texts for _ in range(body.n)]
         job = submit(rows, params, body.seed)
         ident, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
         def header() -> dict[str, Any]:
             return {"id": ident, "object": "text_completion", "created": now, "model": model_id}
-
-        def summary(gens: list[Any]) -> dict[str, Any]:
-            return summary_stats(chosen, spec, gens)
 
         if body.stream:
 
@@ -577,8 +571,7 @@ def create_app(
                 return {**header(), "choices": [choice]}
 
             first = await first_event(job, request, "prompt")
-            include = body.stream_options is not None and body.stream_options.include_usage
-            return stream(job, first, chunk, header, summary, include, "prompt")
+            return stream(job, first, chunk, header, body.include_usage(), "prompt")
         done = await run_job(job, request, "prompt")
         gens = done.generations
         choices = [
@@ -587,7 +580,7 @@ def create_app(
             )
             for i, g in enumerate(gens)
         ]
-        return Completion(**header(), choices=choices, usage=_usage(done), kad=summary(gens))
+        return Completion(**header(), choices=choices, usage=_usage(done), kad=summary(job, gens))
 
     @app.post(
         "/v1/chat/completions",
@@ -600,7 +593,7 @@ def create_app(
         check_model(body.model)
         messages = [m.to_message() for m in body.messages]
         max_tokens = body.max_completion_tokens or body.max_tokens or default_max_tokens
-        params, chosen, spec = decode_params(body, max_tokens)
+        params = decode_params(body, max_tokens)
         job = submit([messages] * body.n, params, body.seed)
         ident, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -611,9 +604,6 @@ def create_app(
                 "created": now,
                 "model": model_id,
             }
-
-        def summary(gens: list[Any]) -> dict[str, Any]:
-            return summary_stats(chosen, spec, gens)
 
         if body.stream:
             started: set[int] = set()
@@ -629,8 +619,7 @@ def create_app(
                 return {**header(), "choices": [choice]}
 
             first = await first_event(job, request, "messages")
-            include = body.stream_options is not None and body.stream_options.include_usage
-            return stream(job, first, chunk, header, summary, include, "messages")
+            return stream(job, first, chunk, header, body.include_usage(), "messages")
         done = await run_job(job, request, "messages")
         gens = done.generations
         choices = [
@@ -648,7 +637,7 @@ def create_app(
             model=model_id,
             choices=choices,
             usage=_usage(done),
-            kad=summary(gens),
+            kad=summary(job, gens),
         )
 
     return app

@@ -9,7 +9,6 @@ loses at most one batch; a folder written with other settings is refused.
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -28,6 +27,7 @@ from rich.progress import (
 
 from kad.errors import KadError
 from kad.eval.tasks import Example, Task
+from kad.outputs import jsonable
 from kad.rules import Rule
 
 RUN_FILE = "run.json"
@@ -105,17 +105,6 @@ def check_run_file(out_dir: Path, run: dict[str, Any]) -> None:
             f"{out_dir} holds results of a run with other settings ({detail}); "
             "use another --out folder to keep both"
         )
-
-
-def jsonable(value: Any) -> Any:
-    """``value`` with every NaN or infinite float replaced by None (JSON has neither)."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    return value
 
 
 def _batches(items: Sequence[Any], size: int) -> Iterator[Sequence[Any]]:
@@ -281,10 +270,11 @@ def run_eval(
                 records = _likelihood_records(aligner, task, batch, rule)
             else:
                 records = _generate_records(aligner, task, batch, rule, decoding or {})
-            for record in records:
-                sink.write(json.dumps(jsonable(record), ensure_ascii=False) + "\n")
+            rows = [jsonable(r) for r in records]
+            for row in rows:
+                sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()
-            kept += [jsonable(r) for r in records]
+            kept += rows
             bar.update(handle, advance=len(records), accuracy=shown(kept))
     summary = summarize(kept, run, task.name)
     (out / f"{task.name}{SUMMARY_SUFFIX}").write_text(
