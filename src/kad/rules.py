@@ -21,8 +21,8 @@ All inputs are probabilities (float32, rows summing to 1).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Literal, NamedTuple, Protocol, runtime_checkable
+from dataclasses import asdict, dataclass
+from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
 
 import torch
 
@@ -285,6 +285,17 @@ class ProxyOnly:
 
 
 RULE_NAMES: tuple[str, ...] = ("dual", "primal", "nudging", "implicit-reward", "base", "proxy")
+
+
+def rule_params(rule: Rule) -> dict[str, Any]:
+    """The parameters that define a rule, e.g. ``{"lam": 0.4, "loss": "nll"}`` for dual.
+
+    For the nll loss μ = −log λ is implied by λ and left out."""
+    fields = asdict(rule)  # type: ignore[call-overload]
+    params = {k: v for k, v in fields.items() if k not in ("name", "needs_proxy_base")}
+    if params.get("loss") == "nll":
+        params.pop("mu", None)
+    return {k: v for k, v in params.items() if v is not None}
 
 
 def make_rule(

@@ -31,7 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kad.errors import KadError, PromptError
 from kad.outputs import jsonable
-from kad.rules import LOSSES, RULE_NAMES, Rule, make_rule
+from kad.rules import LOSSES, RULE_NAMES, Rule, make_rule, rule_params
 from kad.scheduler import DecodeParams, Job, JobDone, JobFailed, RowDelta, Scheduler
 from kad.speculative import parse_speculative
 
@@ -310,13 +310,10 @@ def resolve_rule(default: Rule, options: KadOptions | None) -> Rule:
         return default
     params: dict[str, Any] = {}
     if name == _rule_key(default.name):  # keep the server's settings that the request leaves
-        params = {k: getattr(default, k) for k in RULE_PARAMS[name]}
+        params = rule_params(default)
         if {"lam", "mu", "loss"} & given.keys():  # a threshold belongs to its loss: drop both
             params.pop("lam", None)
             params.pop("mu", None)
-        elif name == "dual":  # Dual keeps λ and μ = −log λ; give it one of them
-            params.pop("mu" if params["loss"] == "nll" else "lam")
-        params = {k: v for k, v in params.items() if v is not None}
     params.update(given)
     try:
         return make_rule(name, **params)

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 
 from kad.errors import KadError
-from kad.eval.runner import method_name, rule_params, run_eval
+from kad.eval.runner import method_name, run_eval
 from kad.eval.sweep import (
     DEFAULT_BETAS,
     DEFAULT_BUDGETS,
@@ -23,7 +23,7 @@ from kad.eval.sweep import (
     run_sweep,
 )
 from kad.eval.tasks import DATA_DIR_ENV, TASKS, get_task
-from kad.rules import RULE_NAMES, Rule, make_rule
+from kad.rules import RULE_NAMES, Rule, make_rule, rule_params
 
 err_console = Console(stderr=True, highlight=False)
 

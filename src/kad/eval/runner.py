@@ -12,7 +12,6 @@ import json
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -47,17 +46,6 @@ IDENTITY_KEYS = (
     "seed",
     "speculative",
 )
-
-
-def rule_params(rule: Rule) -> dict[str, Any]:
-    """The parameters that define a rule, e.g. ``{"lam": 0.4, "loss": "nll"}`` for dual.
-
-    For the nll loss μ = −log λ is implied by λ and left out."""
-    fields = asdict(rule)  # type: ignore[call-overload]
-    params = {k: v for k, v in fields.items() if k not in ("name", "needs_proxy_base")}
-    if params.get("loss") == "nll":
-        params.pop("mu", None)
-    return {k: v for k, v in params.items() if v is not None}
 
 
 def method_name(rule: str, params: dict[str, Any]) -> str:

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from kad.errors import KadError
-from kad.eval.runner import method_name, rule_params, run_eval
+from kad.eval.runner import method_name, run_eval
 from kad.eval.tasks import Task
-from kad.rules import RULE_NAMES, Rule, make_rule
+from kad.rules import RULE_NAMES, Rule, make_rule, rule_params
 
 DEFAULT_RULES: tuple[str, ...] = ("base", "proxy", "nudging", "implicit-reward", "dual", "primal")
 DEFAULT_LAMS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
