@@ -56,14 +56,13 @@ from kad.fast.roofline import (
     tokens_per_second_at,
 )
 from kad.fast.runner import StaticRunner
-from kad.fast.session import Draws, FastSession, decide, decide_sampled, fused_round
+from kad.fast.session import GREEDY, Draws, FastSession, decide, decide_sampled, fused_round
 from kad.models import resolve_device, resolve_dtype
 from kad.rules import BaseOnly, Dual, Primal, Rule
 from kad.sampling import Warp
 from kad.speculative import AutoGamma
 
 ACCEPTANCE_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
-GREEDY = Warp()
 SAMPLED = Warp(temperature=1.0, top_p=0.9)  # the sampled plain-KAD row
 SAMPLED_LABEL = "KAD dual λ=0.4 sampled (T=1, top-p 0.9)"
 ACCEPTANCE_PROMPTS: tuple[str, ...] = (
@@ -326,20 +325,30 @@ def time_session(
     )
 
 
+def _random_pair(
+    batch: int, positions: int, vocab: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random p and q ``[B, positions, V]`` (softmax of normal logits), the same every call."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    shape = (batch, positions, vocab)
+    p = torch.randn(shape, generator=generator, device=device).softmax(-1)
+    q = torch.randn(shape, generator=generator, device=device).softmax(-1)
+    return p, q
+
+
+def _seconds_of(run: Callable[[], Any], device: torch.device, use_graph: bool) -> float:
+    """Median time of ``run``, replayed as a CUDA graph when ``use_graph``."""
+    with torch.inference_mode():
+        return seconds(Graph(run, run, device).replay if use_graph else run, device)
+
+
 def decide_seconds(
     rule: Rule, batch: int, gamma: int, vocab: int, device: torch.device, use_graph: bool
 ) -> float:
     """Time of mixing and greedy verification (`decide`) on random distributions."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    shape = (batch, gamma + 1, vocab)
-    p = torch.randn(shape, generator=generator, device=device).softmax(-1)
-    q = torch.randn(shape, generator=generator, device=device).softmax(-1)
+    p, q = _random_pair(batch, gamma + 1, vocab, device)
     drafted = q[:, :gamma].argmax(dim=-1)
-    with torch.inference_mode():
-        run = lambda: decide(p, q, drafted, rule)  # noqa: E731
-        if use_graph:
-            run = Graph(run, run, device).replay
-        return seconds(run, device)
+    return _seconds_of(lambda: decide(p, q, drafted, rule), device, use_graph)
 
 
 def sampling_seconds(
@@ -347,19 +356,13 @@ def sampling_seconds(
 ) -> float:
     """Time of a sampled step's work after the forwards (γ = 0): mixing, warping π and drawing
     each row's token, as the fused round runs it (`decide_sampled`)."""
-    generator = torch.Generator(device=device).manual_seed(0)
-    shape = (batch, 1, vocab)
-    p = torch.randn(shape, generator=generator, device=device).softmax(-1)
-    q = torch.randn(shape, generator=generator, device=device).softmax(-1)
-    draws = Draws(
-        torch.arange(batch, device=device), torch.zeros(batch, dtype=torch.long, device=device)
-    )
+    p, q = _random_pair(batch, 1, vocab, device)
+    positions = torch.zeros(batch, dtype=torch.long, device=device)
+    draws = Draws(torch.arange(batch, device=device), positions)
     drafted = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    with torch.inference_mode():
-        run = lambda: decide_sampled(p, q, drafted, rule, warp, None, draws)  # noqa: E731
-        if use_graph:
-            run = Graph(run, run, device).replay
-        return seconds(run, device)
+    return _seconds_of(
+        lambda: decide_sampled(p, q, drafted, rule, warp, None, draws), device, use_graph
+    )
 
 
 # ----- transformers
