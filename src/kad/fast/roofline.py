@@ -12,12 +12,12 @@ its rows, not the table), plus the KV cache of every row at the mean context len
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedModel
 
+from kad.fast.graphs import seconds
 from kad.speculative import expected_tokens
 
 
@@ -86,20 +86,6 @@ def copy_bandwidth(device: torch.device, nbytes: int | None = None, repeats: int
         nbytes = 1 << 30 if device.type == "cuda" else 1 << 26
     src = torch.empty(nbytes, dtype=torch.uint8, device=device).random_(0, 255)
     dst = torch.empty_like(src)
-    times = []
-    for i in range(repeats + 3):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            dst.copy_(src)
-            end.record()
-            end.synchronize()
-            elapsed = start.elapsed_time(end) / 1e3
-        else:
-            t0 = time.perf_counter()
-            dst.copy_(src)
-            elapsed = time.perf_counter() - t0
-        if i >= 3:
-            times.append(elapsed)
-    times.sort()
-    return 2 * nbytes / times[len(times) // 2]
+    for _ in range(3):  # warm-up
+        dst.copy_(src)
+    return 2 * nbytes / seconds(lambda: dst.copy_(src), device, repeats)
