@@ -5,7 +5,13 @@ vocabulary, and decoded fast with the proxy as a lossless speculative drafter.
 """
 
 from kad.aligner import Aligner
-from kad.errors import KadError, ModelNotFoundError, PromptError, VocabularyMismatchError
+from kad.errors import (
+    ContextLengthError,
+    KadError,
+    ModelNotFoundError,
+    PromptError,
+    VocabularyMismatchError,
+)
 from kad.models import Prompt, Raw
 from kad.outputs import Generation, GenerationStats, StepEvent
 from kad.rules import (
@@ -30,6 +36,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Aligner",
     "BaseOnly",
+    "ContextLengthError",
     "Dual",
     "Generation",
     "GenerationStats",

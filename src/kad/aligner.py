@@ -16,7 +16,7 @@ from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kad.engine import DecodeSession, ModelRunner
-from kad.errors import KadError, PromptError
+from kad.errors import ContextLengthError, KadError, PromptError
 from kad.fast import FastSession, StaticRunner, make_runner
 from kad.models import (
     Prompt,
@@ -167,7 +167,7 @@ class Aligner:
             context = self.members[role].context
             for i, row in enumerate(rows):
                 if len(row) >= context:
-                    raise PromptError(
+                    raise ContextLengthError(
                         f"prompt {i} is {len(row)} tokens for the {role} model, whose context "
                         f"holds {context}: shorten it"
                     )
@@ -317,7 +317,7 @@ class Aligner:
                 context = self.members[role].context
                 for i, row in enumerate(rows):
                     if len(row) + len(cont_ids[i]) > context:
-                        raise PromptError(
+                        raise ContextLengthError(
                             f"prompt {i} with its continuation is over the {role} model's "
                             f"context of {context} tokens"
                         )

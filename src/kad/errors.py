@@ -21,3 +21,7 @@ class ModelNotFoundError(KadError):
 
 class PromptError(KadError):
     """An empty prompt, or one that does not fit in a model's context window."""
+
+
+class ContextLengthError(PromptError):
+    """A prompt (with its continuation, when scoring) longer than a model's context window."""

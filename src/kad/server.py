@@ -29,7 +29,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from kad.errors import KadError, PromptError
+from kad.errors import ContextLengthError, KadError, PromptError
 from kad.outputs import jsonable
 from kad.rules import LOSSES, RULE_NAMES, Rule, make_rule, rule_params
 from kad.scheduler import DecodeParams, Job, JobDone, JobFailed, RowDelta, Scheduler
@@ -79,7 +79,7 @@ class APIError(Exception):
 
 
 def _kad_error(error: KadError, param: str) -> APIError:
-    code = "context_length_exceeded" if "context" in str(error) else None
+    code = "context_length_exceeded" if isinstance(error, ContextLengthError) else None
     return APIError(
         400, str(error), param=param if isinstance(error, PromptError) else None, code=code
     )
