@@ -6,7 +6,6 @@ Bad input (a `KadError`) prints its message and exits with code 2.
 from __future__ import annotations
 
 import json
-import math
 import os
 import sys
 from collections.abc import Callable
@@ -16,8 +15,8 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.text import Text
 
+from kad.display import DEFERRAL_LEGEND, deferral_text
 from kad.errors import KadError
 
 app = typer.Typer(
@@ -98,34 +97,6 @@ def check_before_loading(rule, proxy_base: str | None, prompts: list[str]) -> No
     for i, prompt in enumerate(prompts):
         if not prompt.strip():
             raise KadError(f"prompt {i} is empty")
-
-
-def deferral_text(tokenizer, token_ids: list[int], shares: list[float]) -> Text:
-    """The continuation with each token coloured by where its probability came from."""
-    text = Text()
-    previous = ""
-    for i, share in enumerate(shares):
-        current = tokenizer.decode(token_ids[: i + 1], skip_special_tokens=True)
-        piece, previous = current[len(previous) :], current
-        if math.isnan(share):
-            style = "white"
-        elif share < 0.1:
-            style = "cyan"
-        elif share > 0.9:
-            style = "bold magenta"
-        else:
-            style = "yellow"
-        text.append(piece, style=style)
-    return text
-
-
-DEFERRAL_LEGEND = Text.assemble(
-    ("kept from the base", "cyan"),
-    "  ",
-    ("mixed", "yellow"),
-    "  ",
-    ("deferred to the proxy", "bold magenta"),
-)
 
 
 @app.command()

@@ -32,6 +32,7 @@ from rich.text import Text
 from transformers.utils import logging as transformers_logging
 
 from kad.aligner import Aligner
+from kad.display import DEFERRAL_LEGEND, deferral_text
 from kad.errors import KadError
 from kad.outputs import Generation
 from kad.rules import BaseOnly, Dual, ImplicitReward, Nudging, Primal, ProxyOnly, Rule
@@ -209,7 +210,6 @@ def render_examples(
     problems: Sequence[dict[str, object]],
 ) -> None:
     """Base alone, proxy alone and KAD on one problem, coloured by deferral."""
-    from kad.cli import DEFERRAL_LEGEND, deferral_text
 
     i = example_index(generations, problems)
     if i is None:
