@@ -57,6 +57,28 @@ def _crop(cache, length: int) -> None:
         cache.crop(length)
 
 
+def left_pad(
+    rows: Sequence[Sequence[int]], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Each prompt but its last token, left-padded: ids ``[B, w]``, mask ``[B, w]`` (bool, True
+    on real tokens), and the last tokens ``[B]``, still to feed; w = the longest prompt − 1."""
+    width = max(len(r) - 1 for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)
+    for b, row in enumerate(rows):
+        n = len(row) - 1
+        if n:
+            ids[b, width - n :] = torch.tensor(row[:-1])
+            mask[b, width - n :] = True
+    last = torch.tensor([r[-1] for r in rows], device=device)
+    return ids.to(device), mask.to(device), last
+
+
+def prompt_positions(mask: torch.Tensor) -> torch.Tensor:
+    """RoPE positions ``[B, w]`` of left-padded prompts: a row's valid tokens count from 0."""
+    return (mask.long().cumsum(dim=-1) - 1).clamp_min(0)
+
+
 class ModelRunner:
     """One model's KV cache over a batch: prefill, forward new tokens, roll back, drop rows."""
 
@@ -70,25 +92,19 @@ class ModelRunner:
 
     def prefill(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Cache every prompt token but the last; return the last ones ``[B]``, still to feed."""
-        batch = len(rows)
-        width = max(len(r) - 1 for r in rows)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        self.mask = torch.zeros(batch, width, dtype=torch.long)
-        for b, row in enumerate(rows):
-            n = len(row) - 1
-            if n:
-                ids[b, width - n :] = torch.tensor(row[:-1])
-                self.mask[b, width - n :] = 1
-        ids, self.mask = ids.to(self.device), self.mask.to(self.device)
+        ids, mask, last = left_pad(rows, self.device)
+        self.mask = mask.long()
         self.next_pos = self.mask.sum(dim=-1)
         self.cache = None
-        if width:
-            positions = (self.mask.cumsum(dim=-1) - 1).clamp_min(0)
+        if ids.shape[1]:
             out = self.model(
-                input_ids=ids, attention_mask=self.mask, position_ids=positions, use_cache=True
+                input_ids=ids,
+                attention_mask=self.mask,
+                position_ids=prompt_positions(mask),
+                use_cache=True,
             )
             self.cache = out.past_key_values
-        return torch.tensor([r[-1] for r in rows], device=self.device)
+        return last
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """Append ``tokens`` ``[B, n]``; return next-token log-probs ``[B, n, V]`` (float32)."""

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from kad.engine import log_probs
+from kad.engine import left_pad, log_probs, prompt_positions
 from kad.fast.graphs import Graph, compiled_layer, mark_step_dynamic, seconds, static_shapes
 from kad.fast.llama import LlamaFamily, layer_forward, rms_norm
 
@@ -130,16 +130,8 @@ class StaticRunner:
     @torch.inference_mode()
     def prefill(self, rows: Sequence[Sequence[int]]) -> torch.Tensor:
         """Cache every prompt token but the last; return the last ones ``[B]``, still to feed."""
-        batch = len(rows)
-        width = max(len(r) - 1 for r in rows)
-        ids = torch.zeros(batch, width, dtype=torch.long)
-        mask = torch.zeros(batch, width, dtype=torch.bool)
-        for b, row in enumerate(rows):
-            n = len(row) - 1
-            if n:
-                ids[b, width - n :] = torch.tensor(row[:-1])
-                mask[b, width - n :] = True
-        ids, mask = ids.to(self.device), mask.to(self.device)
+        ids, mask, last = left_pad(rows, self.device)
+        batch, width = ids.shape
         need = width + self.room
         if batch != self.batch or need > self.slots:
             self._allocate(batch, _round_up(need, SLOT_ALIGN))
@@ -150,7 +142,7 @@ class StaticRunner:
         self.length = width
         if width:
             self._prefill_forward(ids, mask)
-        return torch.tensor([r[-1] for r in rows], device=self.device)
+        return last
 
     @torch.inference_mode()
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
@@ -271,7 +263,7 @@ class StaticRunner:
         """Cache the prompt ``ids`` ``[B, w]`` (left-padded; ``mask`` marks real tokens) in one
         eager pass over slots 0..w-1. A pad slot sees itself, so no softmax row is empty."""
         width = ids.shape[1]
-        positions = (mask.long().cumsum(dim=-1) - 1).clamp_min(0)  # [B, w]
+        positions = prompt_positions(mask)  # [B, w]
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         slots = torch.arange(width, device=self.device)
