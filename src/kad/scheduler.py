@@ -59,10 +59,9 @@ class DecodeParams:
         return dataclasses.replace(self, max_new_tokens=0)
 
     def kwargs(self) -> dict[str, Any]:
-        """Keyword arguments of `aligner.start` besides the prompts and seeds."""
+        """Keyword arguments of `aligner.start` besides the prompts, seeds and token budgets."""
         return {
             "rule": self.rule,
-            "max_new_tokens": self.max_new_tokens,
             "temperature": self.temperature,
             "top_p": self.top_p,
             "stop": list(self.stop) or None,
@@ -150,8 +149,9 @@ class _Batch:
         prompts = [prompt for job in jobs for prompt in job.prompts]
         seeds = [seed for job in jobs for seed in job.seeds()]
         budgets = [job.params.max_new_tokens for job in jobs for _ in range(job.rows)]
-        kwargs = jobs[0].params.kwargs() | {"max_new_tokens": budgets}
-        session = aligner.start(prompts, seed=seeds, **kwargs)
+        session = aligner.start(
+            prompts, seed=seeds, max_new_tokens=budgets, **jobs[0].params.kwargs()
+        )
         owner = [(job, i) for job in jobs for i in range(job.rows)]
         starts = itertools.accumulate([0] + [job.rows for job in jobs])
         first = {job.id: start for job, start in zip(jobs, starts, strict=False)}
