@@ -303,8 +303,12 @@ def run_demo(as_json: bool = False, sweep: str | None = None, n: int = 200) -> l
         sweep_rows: list[Row] = []
         if sweep is not None:
             methods = sweep_methods()
-            sweep_rows, _ = run_methods(aligner, problems, methods, status, not as_json)
+            done = {rule: row for (_, rule), row in zip(METHODS, rows, strict=True)}
+            todo = [(label, rule) for label, rule in methods if rule not in done]
+            new_rows, _ = run_methods(aligner, problems, todo, status, not as_json)
+            done |= {rule: row for (_, rule), row in zip(todo, new_rows, strict=True)}
             rules = [rule for _, rule in methods]
+            sweep_rows = [done[rule] for rule in rules]
             plot_sweep(list(zip(rules, sweep_rows, strict=True)), rows[:2], Path(sweep))
     if as_json:
         report: dict[str, object] = {"rows": [r.to_dict() for r in rows]}
