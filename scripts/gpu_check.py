@@ -95,15 +95,11 @@ def check(preset: str) -> dict:
 
 def check_aligner() -> dict:
     """The built-in pair in float32 through `Aligner` on the GPU: fast path vs engine."""
-    from kad.world import BASE_TEMPLATE, builtin_paths, heldout_problems
+    from kad.world import builtin_aligner, heldout_problems
 
-    paths = builtin_paths()
     questions = [str(p["question"]) for p in heldout_problems(12)]
     aligners = {
-        fast: kad.Aligner.from_pretrained(
-            *paths, base_template=BASE_TEMPLATE, device="cuda", dtype="float32", fast=fast
-        )
-        for fast in (None, False)
+        fast: builtin_aligner(device="cuda", dtype="float32", fast=fast) for fast in (None, False)
     }
     out: dict = {"preset": "built-in pair via Aligner", "dtype": "float32"}
     sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 3}  # the engine's round: same draws

@@ -633,15 +633,13 @@ def real_pairs() -> list[tuple[str, Callable[[torch.device, torch.dtype], Any]]]
 
     pairs = []
     try:
-        from kad.world import BASE_TEMPLATE, builtin_paths
+        from kad.world import builtin_aligner, builtin_paths
 
-        paths = builtin_paths()
+        builtin_paths()  # raises if the built-in models are missing
         pairs.append(
             (
                 "built-in pair",
-                lambda dev, dt: Aligner.from_pretrained(
-                    paths.base, paths.proxy, base_template=BASE_TEMPLATE, device=dev, dtype=dt
-                ),
+                lambda dev, dt: builtin_aligner(proxy_base=False, device=dev, dtype=dt),
             )
         )
     except (ImportError, KadError):

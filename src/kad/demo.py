@@ -36,7 +36,7 @@ from kad.display import DEFERRAL_LEGEND, deferral_text
 from kad.errors import KadError
 from kad.outputs import Generation
 from kad.rules import BaseOnly, Dual, ImplicitReward, Nudging, Primal, ProxyOnly, Rule
-from kad.world import BASE_TEMPLATE, builtin_paths, heldout_problems, score
+from kad.world import builtin_aligner, heldout_problems, score
 
 GAMMA = 4  # draft length of the speculative pass
 MAX_NEW_TOKENS = 64  # the longest gold answer is 56 tokens with <|end|> (6000 held-out problems)
@@ -110,11 +110,8 @@ def load_world() -> Aligner:
     """The built-in base, aligned proxy and proxy base; the base reads questions as web text.
     On the CPU even where a GPU exists: models of 1-2 MB gain nothing from it, and the GPU path
     would spend longer compiling than the demo takes."""
-    paths = builtin_paths()
     transformers_logging.disable_progress_bar()  # the loading bars of three tiny models
-    return Aligner.from_pretrained(
-        paths.base, paths.proxy, paths.proxy_base, base_template=BASE_TEMPLATE, device="cpu"
-    )
+    return builtin_aligner(device="cpu")
 
 
 def evaluate(

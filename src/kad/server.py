@@ -668,18 +668,9 @@ def load_aligner(
         return Aligner.from_pretrained(
             base, proxy, proxy_base, dtype=dtype, device=device, fast=fast
         )
-    from kad.world import BASE_TEMPLATE, builtin_paths
+    from kad.world import builtin_aligner
 
-    paths = builtin_paths()
-    return Aligner.from_pretrained(
-        paths.base,
-        paths.proxy,
-        proxy_base or paths.proxy_base,
-        dtype=dtype,
-        device=device,
-        base_template=BASE_TEMPLATE,
-        fast=fast,
-    )
+    return builtin_aligner(proxy_base=proxy_base or True, dtype=dtype, device=device, fast=fast)
 
 
 def set_cpu_threads(aligner: Any, threads: int | None = None) -> None:

@@ -1,6 +1,7 @@
 """The built-in world: a tiny base / proxy-base / aligned-proxy family on arithmetic word problems.
 
 ``builtin_paths()`` gives the shipped model directories (``src/kad/assets``),
+``builtin_aligner()`` loads them as a `kad.Aligner`,
 ``heldout_problems(n, split)`` the problems no model was trained on, ``score(text, answer)``
 the exact-match check of a ``#### <answer>`` line. ``BASE_TEMPLATE`` is how the base sees a
 question (web text); the aligned proxy uses its chat template. See ``assets/MODEL_CARD.md``.
@@ -10,15 +11,19 @@ from __future__ import annotations
 
 from importlib.resources import files
 from pathlib import Path
-from typing import NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from kad.errors import ModelNotFoundError
 from kad.world.generator import extract_answer, heldout_problems, score
 from kad.world.tokenizer import BASE_TEMPLATE
 
+if TYPE_CHECKING:
+    from kad.aligner import Aligner
+
 __all__ = [
     "BASE_TEMPLATE",
     "BuiltinPaths",
+    "builtin_aligner",
     "builtin_paths",
     "extract_answer",
     "heldout_problems",
@@ -45,3 +50,16 @@ def builtin_paths() -> BuiltinPaths:
                 "reinstall kad-align or rebuild it with `python -m kad.world.train`"
             )
     return paths
+
+
+def builtin_aligner(*, proxy_base: bool | str = True, **kwargs: Any) -> Aligner:
+    """The built-in pair as an `Aligner`, the base reading questions as web text
+    (``BASE_TEMPLATE``). proxy_base: load the shipped proxy base (True), none (False), or another
+    model (a path). ``kwargs`` go to `Aligner.from_pretrained` (device, dtype, fast, ...)."""
+    from kad.aligner import Aligner
+
+    paths = builtin_paths()
+    third = paths.proxy_base if proxy_base is True else (proxy_base or None)
+    return Aligner.from_pretrained(
+        paths.base, paths.proxy, third, base_template=BASE_TEMPLATE, **kwargs
+    )
