@@ -21,15 +21,15 @@ All inputs are probabilities (float32, rows summing to 1).
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
-from typing import Any, Literal, NamedTuple, Protocol, runtime_checkable
+from dataclasses import asdict, dataclass, fields
+from typing import Any, Literal, NamedTuple, Protocol, get_args, runtime_checkable
 
 import torch
 
 from kad.errors import KadError
 
 Loss = Literal["nll", "squared", "margin", "zero_one"]
-LOSSES: tuple[str, ...] = ("nll", "squared", "margin", "zero_one")
+LOSSES: tuple[str, ...] = get_args(Loss)
 BUDGET_ROUNDING = 1e-6  # float32 sums of a distribution stray from 1 by about this much
 
 
@@ -284,15 +284,33 @@ class ProxyOnly:
         return q
 
 
-RULE_NAMES: tuple[str, ...] = ("dual", "primal", "nudging", "implicit-reward", "base", "proxy")
+RULES: dict[str, type] = {
+    "dual": Dual,
+    "primal": Primal,
+    "nudging": Nudging,
+    "implicit-reward": ImplicitReward,
+    "base": BaseOnly,
+    "proxy": ProxyOnly,
+}
+RULE_NAMES: tuple[str, ...] = tuple(RULES)
+_NOT_PARAMETERS = ("name", "needs_proxy_base")
+RULE_PARAMS: dict[str, tuple[str, ...]] = {
+    name: tuple(f.name for f in fields(cls) if f.name not in _NOT_PARAMETERS)
+    for name, cls in RULES.items()
+}  # the parameters each rule takes, e.g. ("lam", "loss", "mu") for dual
+
+
+def rule_key(name: str) -> str:
+    """A rule's CLI/API name as `RULES` spells it: "Implicit_Reward" -> "implicit-reward"."""
+    return name.strip().lower().replace("_", "-")
 
 
 def rule_params(rule: Rule) -> dict[str, Any]:
     """The parameters that define a rule, e.g. ``{"lam": 0.4, "loss": "nll"}`` for dual.
 
     For the nll loss μ = −log λ is implied by λ and left out."""
-    fields = asdict(rule)  # type: ignore[call-overload]
-    params = {k: v for k, v in fields.items() if k not in ("name", "needs_proxy_base")}
+    values = asdict(rule)  # type: ignore[call-overload]
+    params = {k: v for k, v in values.items() if k not in _NOT_PARAMETERS}
     if params.get("loss") == "nll":
         params.pop("mu", None)
     return {k: v for k, v in params.items() if v is not None}
@@ -308,7 +326,7 @@ def make_rule(
     mu: float | None = None,
 ) -> Rule:
     """Build a rule from its CLI/API name and the parameters that apply to it."""
-    key = name.strip().lower().replace("_", "-")
+    key = rule_key(name)
     if key == "dual":
         return Dual(lam=lam, loss=loss, mu=mu)  # type: ignore[arg-type]
     if key == "primal":

@@ -31,21 +31,13 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from kad.errors import ContextLengthError, KadError, PromptError
 from kad.outputs import jsonable
-from kad.rules import LOSSES, RULE_NAMES, Rule, make_rule, rule_params
+from kad.rules import LOSSES, RULE_NAMES, RULE_PARAMS, Rule, make_rule, rule_key, rule_params
 from kad.scheduler import DecodeParams, Job, JobDone, JobFailed, RowDelta, Scheduler
 from kad.speculative import parse_speculative
 
 RuleName = Literal[
     "dual", "primal", "nudging", "implicit-reward", "implicit_reward", "base", "proxy"
 ]
-RULE_PARAMS: dict[str, tuple[str, ...]] = {
-    "dual": ("lam", "loss", "mu"),
-    "primal": ("budget", "loss"),
-    "nudging": ("lam",),
-    "implicit-reward": ("beta",),
-    "base": (),
-    "proxy": (),
-}
 UNSUPPORTED = ("echo", "logprobs", "best_of", "suffix", "presence_penalty", "frequency_penalty")
 SEED_MAX = 2**63 - 1
 StopText = Annotated[str, Field(min_length=1)]
@@ -287,10 +279,6 @@ SSE_RESPONSE: dict[str, Any] = {
 # --- rules and statistics --------------------------------------------------------------------
 
 
-def _rule_key(name: str) -> str:
-    return name.strip().lower().replace("_", "-")
-
-
 def resolve_rule(default: Rule, options: KadOptions | None) -> Rule:
     """The request's rule: the server's default with the request's parameters on top.
 
@@ -299,17 +287,17 @@ def resolve_rule(default: Rule, options: KadOptions | None) -> Rule:
     given = (
         {} if options is None else options.model_dump(exclude_none=True, exclude={"speculative"})
     )
-    name = _rule_key(given.pop("rule", default.name))
+    name = rule_key(given.pop("rule", default.name))
     unknown = [k for k in given if k not in RULE_PARAMS.get(name, ())]
     if unknown:
         takes = ", ".join(RULE_PARAMS.get(name, ())) or "no parameters"
         raise APIError(
             400, f"rule {name!r} does not take {', '.join(unknown)} (it takes {takes})", param="kad"
         )
-    if not given and name == _rule_key(default.name):
+    if not given and name == rule_key(default.name):
         return default
     params: dict[str, Any] = {}
-    if name == _rule_key(default.name):  # keep the server's settings that the request leaves
+    if name == rule_key(default.name):  # keep the server's settings that the request leaves
         params = rule_params(default)
         if {"lam", "mu", "loss"} & given.keys():  # a threshold belongs to its loss: drop both
             params.pop("lam", None)
@@ -330,7 +318,7 @@ def summary_stats(rule: Rule, speculative: Any, generations: list[Any]) -> dict[
     """The response's `kad` object: the rule and its parameters, and token-weighted means of the
     per-choice statistics."""
     params = {
-        k: getattr(rule, k) for k in RULE_PARAMS.get(_rule_key(rule.name), ()) if hasattr(rule, k)
+        k: getattr(rule, k) for k in RULE_PARAMS.get(rule_key(rule.name), ()) if hasattr(rule, k)
     }
     summary: dict[str, Any] = {"rule": rule.name, **{k: jsonable(v) for k, v in params.items()}}
     summary["speculative"] = speculative

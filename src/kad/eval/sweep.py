@@ -16,7 +16,7 @@ from typing import Any
 from kad.errors import KadError
 from kad.eval.runner import method_name, run_eval
 from kad.eval.tasks import Task
-from kad.rules import RULE_NAMES, Rule, make_rule, rule_params
+from kad.rules import RULE_NAMES, Rule, make_rule, rule_key, rule_params
 
 DEFAULT_RULES: tuple[str, ...] = ("base", "proxy", "nudging", "implicit-reward", "dual", "primal")
 DEFAULT_LAMS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.4, 0.5)
@@ -36,7 +36,7 @@ def grid(
     loss), primal over ``budgets``, implicit reward over ``betas``; base and proxy once."""
     points: list[Rule] = []
     for name in rules:
-        key = name.strip().lower().replace("_", "-")
+        key = rule_key(name)
         if key not in RULE_NAMES:
             raise KadError(f"unknown rule {name!r}: choose among {', '.join(RULE_NAMES)}")
         if key == "dual" and loss != "nll":
