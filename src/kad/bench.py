@@ -699,10 +699,11 @@ def measure_acceptance(
 
 # ----- the whole run
 def run_bench(
-    config: BenchConfig, progress: bool = True, out: Path | None = None
+    config: BenchConfig, progress: bool = True, out: Path | None = None, log: bool = False
 ) -> dict[str, Any]:
     """Every measurement of the config; with ``out``, the results so far are written there
-    after each batch size."""
+    after each batch size; with ``log``, each step is also printed to stderr with the seconds
+    since the start (for runs without a terminal, where no progress bar shows)."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     pair = load_pair(config, device, dtype)
@@ -725,9 +726,15 @@ def run_bench(
     with _progress(progress) as bar:
         task = bar.add_task("bench", total=None) if bar else None
 
+        start = time.perf_counter()
+
         def step(label: str) -> None:
             if bar is not None:
                 bar.update(task, description=label)
+            if log:
+                print(
+                    f"[{time.perf_counter() - start:7.1f} s] {label}", file=sys.stderr, flush=True
+                )
 
         for batch in config.batches:
             results["batches"].append(bench_batch(pair, batch, config, bandwidth, step))
@@ -1018,7 +1025,8 @@ def bench_command(
     if acceptance:
         results: dict[str, Any] = {"acceptance": acceptance_run(config)}
     else:
-        results = run_bench(config, progress=sys.stderr.isatty(), out=out)
+        tty = sys.stderr.isatty()
+        results = run_bench(config, progress=tty, out=out, log=not tty)
     if out is not None:
         out.write_text(to_json(results))
     if as_json:
