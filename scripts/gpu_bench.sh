@@ -11,6 +11,7 @@
 #   scripts/gpu_bench.sh olmo2    olmo2-13b + olmo2-1b, the same
 #   scripts/gpu_bench.sh qwen3    qwen3-14b + qwen3-1.7b, the same
 #   scripts/gpu_bench.sh olmo2_b8 a pair at batch 8 (also llama3_b8, qwen3_b8)
+#   scripts/gpu_bench.sh sampling the check (one family), decision timings, llama3 B=1 short
 #   scripts/gpu_bench.sh b8       olmo2_b8 then qwen3_b8
 set -euo pipefail
 stage=${1:-smoke}
@@ -63,6 +64,13 @@ case $stage in
   llama3_b8 | olmo2_b8 | qwen3_b8)  # batch 8
     bench "$stage" --random-init "$(preset "${stage%_b8}")" --batch 8 --repeats 2 \
       --gammas 1,2,3,4 --no-transformers --no-check
+    ;;
+  sampling)  # sampled rounds: the check, where a decision's time goes, llama3 at batch 1
+    python3 scripts/gpu_check.py llama3.2-1b 2>&1 | tee "$OUT/check.log" ||
+      echo "gpu_check.py failed; the benchmark runs anyway"
+    python3 scripts/gpu_sampling.py 2>&1 | tee "$OUT/sampling.log" || echo "gpu_sampling.py failed"
+    bench llama3_b1 --random-init llama3-8b --batch 1 --repeats 3 --gammas 4 --assisted-gammas 4 \
+      --no-transformers --no-check
     ;;
   b8)  # the olmo2 and qwen3 pairs at batch 8, in one call
     for family in olmo2 qwen3; do

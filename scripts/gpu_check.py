@@ -26,8 +26,9 @@ import kad
 from kad.bench import _NoText, agreement, random_prompts
 from kad.engine import DecodeSession, ModelRunner
 from kad.fast import FastSession, StaticRunner
+from kad.fast.graphs import compiled_uniforms
 from kad.fast.presets import random_model
-from kad.sampling import Warp
+from kad.sampling import Warp, counter_uniform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.stats
 from tests.stats import homogeneity_p_value
@@ -163,6 +164,14 @@ def check_sampled_distribution() -> dict:
 
     reference, _ = outcomes(DecodeSession, ModelRunner, 0, None)
     out: dict = {"preset": "12-token random pair, sampled: fused vs engine", "samples": n}
+    seeds = torch.randint(0, 2**62, (512, 1), device="cuda")
+    counters = torch.randint(0, 2**40, (512, 1), device="cuda")
+    streams = torch.arange(27, device="cuda")
+    eager = counter_uniform(seeds, counters, streams)
+    out["compiled uniforms"] = {
+        "equal": bool(torch.equal(compiled_uniforms()(seeds, counters, streams), eager))
+    }
+    print("compiled uniforms", out["compiled uniforms"], flush=True)
     for spec in (None, 2):
         got, session = outcomes(FastSession, StaticRunner, 10_000, spec)
         keys = set(reference) | set(got)

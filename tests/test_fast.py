@@ -32,7 +32,8 @@ from kad.fast.roofline import (
     speculative_roofline,
     tokens_per_second_at,
 )
-from kad.sampling import Warp
+from kad.fast.session import Draws
+from kad.sampling import Warp, counter_uniform
 
 NEW = 12
 
@@ -167,6 +168,21 @@ def test_sampled_rounds_are_fused_and_a_rows_draws_ignore_its_batch(tiny_dirs):
         assert other != alone  # the seed matters (300 tokens, 12 draws: a clash is negligible)
         if speculative is None:  # speculative rows share the batch's γ, so only plain is exact
             assert batched == alone
+
+
+def test_a_rounds_uniforms_are_one_table_of_the_counter_hash():
+    """`Draws` computes a round's 3γ + 3 uniforms per row at once; each entry is the counter
+    hash of that row's (seed, position) and the stream, as drawn one at a time."""
+    seeds = torch.tensor([0, 5, 2**40 + 3])
+    positions = torch.tensor([7, 0, 123])
+    draws = Draws(seeds, positions, gamma=2)
+    assert draws.table.shape == (3, 9)
+    for k in range(9):
+        for b in range(3):
+            alone = counter_uniform(seeds[b : b + 1], positions[b : b + 1], k)
+            assert draws.uniform(k)[b] == alone[0]
+    assert ((draws.table >= 0) & (draws.table < 1)).all()
+    assert draws.table.unique().numel() == draws.table.numel()
 
 
 TINY = dict(

@@ -44,7 +44,7 @@ from transformers import PreTrainedModel
 
 from kad.engine import DecodeSession, ModelRunner
 from kad.errors import KadError
-from kad.fast.graphs import Graph, restored, seconds
+from kad.fast.graphs import Graph, compiled_uniforms, restored, seconds
 from kad.fast.llama import unsupported_reason
 from kad.fast.presets import parameter_count, parse_pair, random_model
 from kad.fast.roofline import (
@@ -59,7 +59,7 @@ from kad.fast.runner import StaticRunner
 from kad.fast.session import GREEDY, Draws, FastSession, decide, decide_sampled, fused_round
 from kad.models import resolve_device, resolve_dtype
 from kad.rules import BaseOnly, Dual, Primal, Rule
-from kad.sampling import Warp
+from kad.sampling import Warp, counter_uniform
 from kad.speculative import AutoGamma
 
 ACCEPTANCE_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
@@ -351,18 +351,21 @@ def decide_seconds(
     return _seconds_of(lambda: decide(p, q, drafted, rule), device, use_graph)
 
 
-def sampling_seconds(
-    rule: Rule, warp: Warp, batch: int, vocab: int, device: torch.device, use_graph: bool
-) -> float:
-    """Time of a sampled step's work after the forwards (γ = 0): mixing, warping π and drawing
-    each row's token, as the fused round runs it (`decide_sampled`)."""
+def sampling_seconds(rule: Rule, warp: Warp, batch: int, vocab: int, runner: StaticRunner) -> float:
+    """Time of a sampled step's work after the forwards (γ = 0): the round's uniforms, mixing,
+    warping π and drawing each row's token, as the fused round over ``runner`` runs it."""
+    device = runner.device
     p, q = _random_pair(batch, 1, vocab, device)
+    seeds = torch.arange(batch, device=device)
     positions = torch.zeros(batch, dtype=torch.long, device=device)
-    draws = Draws(torch.arange(batch, device=device), positions)
     drafted = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    return _seconds_of(
-        lambda: decide_sampled(p, q, drafted, rule, warp, None, draws), device, use_graph
-    )
+    uniforms = compiled_uniforms() if runner.compiled else counter_uniform
+
+    def step() -> Any:
+        draws = Draws(seeds, positions, 0, uniforms)
+        return decide_sampled(p, q, drafted, rule, warp, None, draws)
+
+    return _seconds_of(step, device, runner.use_graphs)
 
 
 # ----- transformers
@@ -615,9 +618,7 @@ def time_split(
                 for g in gammas
             },
             "mix_primal_s": decide_seconds(Primal(0.9), batch, 0, vocab, device, base.use_graphs),
-            "mix_sample_s": sampling_seconds(
-                Dual(lam=0.4), SAMPLED, batch, vocab, device, base.use_graphs
-            ),
+            "mix_sample_s": sampling_seconds(Dual(lam=0.4), SAMPLED, batch, vocab, base),
         }
 
 

@@ -102,14 +102,17 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def counter_uniform(seeds: torch.Tensor, counters: torch.Tensor, stream: int) -> torch.Tensor:
-    """U[0, 1) draws ``[B]``, a pure function of each row's (seed, counter) ``[B]`` int64 and a
-    stream id: equal inputs give equal draws, and distinct ones independent-looking draws.
-    24 random bits per draw, as torch.rand gives float32."""
+def counter_uniform(
+    seeds: torch.Tensor, counters: torch.Tensor, streams: torch.Tensor | int
+) -> torch.Tensor:
+    """U[0, 1) draws, a pure function of each (seed, counter, stream), int64 tensors that
+    broadcast together (e.g. ``[B, 1]``, ``[B, 1]``, ``[S]`` -> ``[B, S]``): equal inputs give
+    equal draws, and distinct ones independent-looking draws. 24 random bits per draw, as
+    torch.rand gives float32."""
     h = _mix32((seeds & _MASK32) ^ 0x9E3779B9)  # constants: no input maps to a fixed point
     h = _mix32(h ^ ((seeds >> 32) & _MASK32) ^ 0x85EBCA6B)
     h = _mix32(h ^ (counters & _MASK32) ^ 0xC2B2AE35)
-    h = _mix32(h ^ (stream & _MASK32) ^ 0x27D4EB2F)
+    h = _mix32(h ^ (streams & _MASK32) ^ 0x27D4EB2F)
     return (h >> 8).to(torch.float32) * 2.0**-24
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kad.fast.llama import layer_forward
+from kad.sampling import counter_uniform
 
 _COMPILED: dict[str, Callable] = {}
 
@@ -77,6 +78,14 @@ def compiled_layer() -> Callable:
                 setattr(config, name, max(getattr(config, name), 256))
         _COMPILED["layer"] = torch.compile(layer_forward, dynamic=None, fullgraph=True)
     return _COMPILED["layer"]
+
+
+def compiled_uniforms() -> Callable:
+    """`counter_uniform` compiled by Inductor into one kernel (eager, its ~70 small integer
+    operations would each be a kernel launch of a round's graph), for any shapes."""
+    if "uniforms" not in _COMPILED:
+        _COMPILED["uniforms"] = torch.compile(counter_uniform, dynamic=True, fullgraph=True)
+    return _COMPILED["uniforms"]
 
 
 def mark_step_dynamic(

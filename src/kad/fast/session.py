@@ -23,11 +23,12 @@ round (`DecodeSession.step`), which also reads the host once per round.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
 import torch
 
 from kad.engine import DecodeSession, ModelRunner
-from kad.fast.graphs import Graph, restored
+from kad.fast.graphs import Graph, compiled_uniforms, restored
 from kad.fast.runner import StaticRunner
 from kad.rules import Mix, Rule
 from kad.sampling import Warp, counter_uniform, sample_inverse_cdf
@@ -62,7 +63,8 @@ def fused_round(
     the accepted count; the next pending token ``[B]``; whether the rule reports an unfilled
     budget).
     """
-    draws = None if warp.greedy else Draws(seeds, base.next_pos.clone())
+    uniforms = compiled_uniforms() if base.compiled else counter_uniform
+    draws = None if warp.greedy else Draws(seeds, base.next_pos, gamma, uniforms)
     current = pending_proxy
     q_steps, q_tilde, drafts = [], [], []
     for j in range(gamma):
@@ -108,14 +110,23 @@ def fused_round(
 
 
 class Draws:
-    """A round's uniforms: row b's draw for stream k is counter_uniform(seed_b, position_b, k),
-    position_b being the row's base valid-token count when the round starts (module doc)."""
+    """A round's uniforms, all drawn at its start: row b's draw for stream k is
+    counter_uniform(seed_b, position_b, k), position_b being the row's base valid-token count
+    when the round starts, for the 3γ + 3 streams of a round of γ drafts (module doc).
+    ``uniforms``: `counter_uniform` or its compiled form (same values)."""
 
-    def __init__(self, seeds: torch.Tensor, positions: torch.Tensor) -> None:
-        self.seeds, self.positions = seeds, positions  # [B], [B]
+    def __init__(
+        self,
+        seeds: torch.Tensor,
+        positions: torch.Tensor,
+        gamma: int,
+        uniforms: Callable[..., torch.Tensor] = counter_uniform,
+    ) -> None:
+        streams = torch.arange(3 * gamma + 3, device=seeds.device)  # [S]
+        self.table = uniforms(seeds.unsqueeze(-1), positions.unsqueeze(-1), streams)  # [B, S]
 
     def uniform(self, stream: int) -> torch.Tensor:
-        return counter_uniform(self.seeds, self.positions, stream)  # [B]
+        return self.table[:, stream]  # [B]
 
 
 def _proxy_step(proxy: StaticRunner, tokens: torch.Tensor) -> torch.Tensor:
