@@ -44,13 +44,16 @@ class Warp:
         if self.greedy:
             top = probs.argmax(dim=-1, keepdim=True)
             return torch.zeros_like(probs).scatter_(-1, top, 1.0)
-        logits = torch.log(probs)
-        if self.temperature != 1.0:
-            logits = logits / self.temperature
-        if self.top_k and self.top_k < probs.shape[-1]:
-            kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-            logits = logits.masked_fill(logits < kth, -torch.inf)
-        warped = torch.softmax(logits, dim=-1)
+        warped = probs  # T = 1 and no top-k: softmax(log p) is p, so skip both passes over V
+        cut = bool(self.top_k) and self.top_k < probs.shape[-1]
+        if self.temperature != 1.0 or cut:
+            logits = torch.log(probs)
+            if self.temperature != 1.0:
+                logits = logits / self.temperature
+            if cut:
+                kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
+                logits = logits.masked_fill(logits < kth, -torch.inf)
+            warped = torch.softmax(logits, dim=-1)
         if self.top_p < 1.0:
             sorted_probs, order = torch.sort(warped, dim=-1, descending=True)
             before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above
