@@ -1,6 +1,9 @@
 """Markdown tables for BENCHMARKS.md from `kad bench --out` JSON files (no figure typed by hand).
 
-Usage: python scripts/bench_tables.py RESULTS.json [...]
+Usage:
+    python scripts/bench_tables.py RESULTS.json [...]            the tables of each run
+    python scripts/bench_tables.py --targets RESULTS.json [...]  the targets, a column per run
+    python scripts/bench_tables.py --sampling sampling.json      scripts/gpu_sampling.py output
 """
 
 from __future__ import annotations
@@ -13,9 +16,13 @@ def fmt(value: float | None, digits: int = 1) -> str:
     return "—" if value is None else f"{value:,.{digits}f}"
 
 
-def tables(path: str) -> str:
+def load(path: str):
     with open(path) as f:
-        results = json.load(f)
+        return json.load(f)
+
+
+def tables(path: str) -> str:
+    results = load(path)
     pair, meta = results["pair"], results["meta"]
     out = [
         f"`{meta['command']}` ({meta['date']}, copy bandwidth "
@@ -87,5 +94,46 @@ def tables(path: str) -> str:
     return "\n".join(out)
 
 
+def targets(paths: list[str]) -> str:
+    """One row per target, one column per run: the measured value and whether it is met."""
+    runs = [load(p) for p in paths]
+    names = list(dict.fromkeys(t["target"] for r in runs for t in r["targets"]))
+    heads = [f"{r['pair']['base']} + {r['pair']['proxy']}" for r in runs]
+    out = ["| target | goal | " + " | ".join(heads) + " |", "|---|---:|" + "---|" * len(runs)]
+    for name in names:
+        cells, goal = [], None
+        for r in runs:
+            t = next((t for t in r["targets"] if t["target"] == name), None)
+            goal = goal or (t and t["goal"])
+            cells.append(
+                "—" if t is None else f"{t['value']:.2f} ({'met' if t['met'] else 'missed'})"
+            )
+        out.append(f"| {name} | {goal} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def sampling(path: str) -> str:
+    """The decision timings of scripts/gpu_sampling.py, in ms per call (CUDA graph replays)."""
+    rows = load(path)
+    keys = [k for k in rows[0] if k.endswith(" ms")]
+    out = [
+        "| vocabulary | batch | γ | " + " | ".join(k[:-3] for k in keys) + " |",
+        "|---|---:|---:|" + "---:|" * len(keys),
+    ]
+    for row in rows:
+        cells = [fmt(row[k], 3) if isinstance(row.get(k), float) else "—" for k in keys]
+        out.append(
+            f"| {row['family']} ({row['vocab']:,}) | {row['batch']} | {row['gamma']} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    return "\n".join(out)
+
+
 if __name__ == "__main__":
-    print("\n\n".join(tables(p) for p in sys.argv[1:]))
+    if sys.argv[1] == "--targets":
+        print(targets(sys.argv[2:]))
+    elif sys.argv[1] == "--sampling":
+        print(sampling(sys.argv[2]))
+    else:
+        print("\n\n".join(tables(p) for p in sys.argv[1:]))
