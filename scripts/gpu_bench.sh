@@ -13,6 +13,7 @@
 #   scripts/gpu_bench.sh olmo2_b8 a pair at batch 8 (also llama3_b8, qwen3_b8)
 #   scripts/gpu_bench.sh sampling the check (one family), decision timings, llama3 B=1 short
 #   scripts/gpu_bench.sh b8       olmo2_b8 then qwen3_b8
+#   scripts/gpu_bench.sh llama3_all  llama3 at batches 1, 8, 32 with kad bench's float32 check
 set -euo pipefail
 stage=${1:-smoke}
 OUT=${OUT:-out}
@@ -71,6 +72,10 @@ case $stage in
     python3 scripts/gpu_sampling.py 2>&1 | tee "$OUT/sampling.log" || echo "gpu_sampling.py failed"
     bench llama3_b1 --random-init llama3-8b --batch 1 --repeats 3 --gammas 4 --assisted-gammas 4 \
       --no-transformers --no-check
+    ;;
+  llama3_all)  # the llama pair at batches 1, 8, 32 in one run, with the float32 check (no transformers)
+    bench llama3_all --random-init llama3-8b --batch 1,8,32 --repeats 2 --gammas 1,2,3,4 \
+      --assisted-gammas 4 --no-transformers
     ;;
   b8)  # the olmo2 and qwen3 pairs at batch 8, in one call
     for family in olmo2 qwen3; do

@@ -16,14 +16,13 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import torch
 
 import kad
-from kad.bench import _NoText, agreement, random_prompts
+from kad.bench import agreement, decode_ids, float32_check
 from kad.engine import DecodeSession, ModelRunner
 from kad.fast import FastSession, StaticRunner
 from kad.fast.graphs import compiled_uniforms
@@ -33,65 +32,20 @@ from kad.sampling import Warp, counter_uniform
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.stats
 from tests.stats import homogeneity_p_value
 
-NEW = 48
-
-
-def decode(session_class, runners, prompts, rule, speculative, warp=None, seeds=None, new=NEW):
-    with torch.inference_mode():
-        session = session_class(
-            runners,
-            {"base": prompts, "proxy": prompts},
-            rule=rule,
-            warp=warp or Warp(),
-            max_new_tokens=[new] * len(prompts),
-            seeds=seeds or [0] * len(prompts),
-            tokenizer=_NoText(),
-            eos_ids=set(),
-            speculative=speculative,
-        )
-        while not session.done:
-            session.step()
-    return [g.token_ids for g in session.results()], session
-
 
 def check(preset: str) -> dict:
-    torch.manual_seed(0)
-    base = random_model(preset, device="cuda", dtype=torch.float32)
-    torch.manual_seed(1)
-    proxy = random_model(preset, device="cuda", dtype=torch.float32)
-    vocab = base.config.vocab_size
-    long, short = random_prompts(2, 40, vocab, seed=5)
-    prompts = [long, short[:23]]
-    out: dict = {"preset": preset, "dtype": "float32", "new_tokens": NEW}
-    for label, rule, spec in (
-        ("dual", kad.Dual(lam=0.4), None),
-        ("primal", kad.Primal(0.9), None),
-        ("base γ=3", kad.BaseOnly(), 3),
-        ("dual γ=3", kad.Dual(lam=0.4), 3),
-    ):
-        t0 = time.perf_counter()
-        engine = {"base": ModelRunner(base, vocab), "proxy": ModelRunner(proxy, vocab)}
-        ref, _ = decode(DecodeSession, engine, prompts, rule, spec)
-        t1 = time.perf_counter()
-        fast = {"base": StaticRunner(base, vocab), "proxy": StaticRunner(proxy, vocab)}
-        got, session = decode(FastSession, fast, prompts, rule, spec)
-        t2 = time.perf_counter()
-        out[label] = {
-            "fused": session.fused,
-            "agree": [agreement(a, b) for a, b in zip(ref, got, strict=True)],
-            "equal": ref == got,
-            "engine_s": round(t1 - t0, 2),
-            "fast_s_with_compile": round(t2 - t1, 2),
-        }
-        print(label, out[label], flush=True)
-    with torch.inference_mode():
-        engine_runner, fast_runner = ModelRunner(base, vocab), StaticRunner(base, vocab)
-        last_e, last_f = engine_runner.prefill(prompts), fast_runner.prefill(prompts)
-        a = engine_runner.forward(last_e.unsqueeze(-1))
-        b = fast_runner.forward(last_f.unsqueeze(-1))
-        out["max_logprob_diff_decode"] = float((a - b).abs().max())
+    """A random-weight pair of the preset (two seeds) in float32: `kad.bench.float32_check`."""
+    base, proxy = (random_model_seeded(preset, seed) for seed in (0, 1))
+    out = {"preset": preset, "dtype": "float32", **float32_check(base, proxy)}
+    for label, case in out["cases"].items():
+        print(label, case, flush=True)
     print("max |Δ log p| one decode step:", out["max_logprob_diff_decode"], flush=True)
     return out
+
+
+def random_model_seeded(preset: str, seed: int):
+    torch.manual_seed(seed)
+    return random_model(preset, device="cuda", dtype=torch.float32)
 
 
 def check_aligner() -> dict:
@@ -159,7 +113,7 @@ def check_sampled_distribution() -> dict:
     def outcomes(session_class, make, seed0, spec) -> Counter:
         runners = {"base": make(base, 12), "proxy": make(proxy, 12)}
         seeds = list(range(seed0, seed0 + n))
-        ids, session = decode(session_class, runners, prompts, rule, spec, warp, seeds, new=3)
+        ids, session = decode_ids(session_class, runners, prompts, rule, spec, 3, warp, seeds)
         return Counter(tuple(row) for row in ids), session
 
     reference, _ = outcomes(DecodeSession, ModelRunner, 0, None)
@@ -193,7 +147,12 @@ def main() -> None:
     path = os.path.join(os.environ.get("OUT", "."), "check.json")
     with open(path, "w") as f:
         json.dump(results, f, indent=2)
-    ok = all(r[k]["equal"] for r in results for k in r if isinstance(r[k], dict))
+    ok = all(
+        case["equal"]
+        for r in results
+        for case in (r["cases"].values() if "cases" in r else r.values())
+        if isinstance(case, dict)
+    )
     print("GPU CHECK", "PASS" if ok else "FAIL", flush=True)
 
 

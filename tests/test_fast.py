@@ -377,6 +377,12 @@ def test_bench_runs_on_tiny_models(tiny_dirs):
     assert one["profile"]["top"] and one["profile"]["kernels_per_call"] > 0
     assert {t["target"] for t in results["targets"]} >= {"plain KAD % of roofline (B=1)"}
     assert results["acceptance"] and results["meta"]["bandwidth_bytes_per_s"] > 0
+    check = results["float32_check"]  # a float32 copy of the proxy in both roles
+    assert set(check["cases"]) == {"dual", "primal", "base γ=3", "dual γ=3"}
+    assert all(c["equal"] and c["agree"] == [48, 48] for c in check["cases"].values())
+    assert check["max_logprob_diff_decode"] < 1e-4
+    identity = next(t for t in results["targets"] if "float32" in t["target"])
+    assert identity["value"] == identity["goal"] == 4 and identity["met"]
 
 
 def test_bench_command_prints_json(tiny_dirs):
