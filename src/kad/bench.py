@@ -181,7 +181,7 @@ def random_prompts(batch: int, length: int, vocab: int, seed: int) -> list[list[
     return [[rng.randrange(vocab) for _ in range(length)] for _ in range(batch)]
 
 
-def decode_ids(
+def open_session(
     session_class: type[DecodeSession],
     runners: dict[str, ModelRunner | StaticRunner],
     prompts: list[list[int]],
@@ -190,21 +190,27 @@ def decode_ids(
     new_tokens: int,
     warp: Warp = GREEDY,
     seeds: list[int] | None = None,
-) -> tuple[list[list[int]], DecodeSession]:
-    """Decode token-id prompts (the same for both models) to full length: (ids per row, the
-    finished session)."""
+    tokenizer: Any = None,
+) -> DecodeSession:
+    """A session over token-id prompts (the same for both models) that decodes every row to
+    ``new_tokens`` (no EOS); row b's seed defaults to b."""
+    return session_class(
+        runners,
+        {"base": prompts, "proxy": prompts},
+        rule=rule,
+        warp=warp,
+        max_new_tokens=[new_tokens] * len(prompts),
+        seeds=seeds or list(range(len(prompts))),
+        tokenizer=_NoText() if tokenizer is None else tokenizer,
+        eos_ids=set(),
+        speculative=speculative,
+    )
+
+
+def decode_ids(*args: Any, **kwargs: Any) -> tuple[list[list[int]], DecodeSession]:
+    """Run `open_session` (same arguments) to the end: (ids per row, the finished session)."""
     with torch.inference_mode():
-        session = session_class(
-            runners,
-            {"base": prompts, "proxy": prompts},
-            rule=rule,
-            warp=warp,
-            max_new_tokens=[new_tokens] * len(prompts),
-            seeds=seeds or [0] * len(prompts),
-            tokenizer=_NoText(),
-            eos_ids=set(),
-            speculative=speculative,
-        )
+        session = open_session(*args, **kwargs)
         while not session.done:
             session.step()
     return [g.token_ids for g in session.results()], session
@@ -375,20 +381,19 @@ def time_session(
 ) -> SessionRun:
     """Decode with a session; the first run (compilation, graph capture) is not timed."""
     device = runners["base"].device
-    batch = len(prompts)
     runs = []
     for _ in range(repeats + 1):
         with torch.inference_mode():
-            session = session_class(
+            session = open_session(
+                session_class,
                 runners,
-                {"base": prompts, "proxy": prompts},
-                rule=rule,
-                warp=warp,
-                max_new_tokens=[new_tokens] * batch,
-                seeds=list(range(batch)),
-                tokenizer=tokenizer,
-                eos_ids=set(),
-                speculative=speculative,
+                prompts,
+                rule,
+                speculative,
+                new_tokens,
+                warp,
+                None,
+                tokenizer,
             )
             _sync(device)
             t0 = time.perf_counter()
