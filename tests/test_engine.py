@@ -125,6 +125,8 @@ def test_warp_top_p_and_temperature():
     hot = kad.Warp(temperature=2.0)(probs)
     assert torch.allclose(hot, probs.sqrt() / probs.sqrt().sum())
     assert kad.Warp()(probs).tolist() == [[1.0, 0.0, 0.0, 0.0]]
+    assert torch.equal(kad.Warp(temperature=1.0)(probs), probs)  # T = 1: π itself
+    assert torch.equal(kad.Warp(temperature=1.0, top_k=4)(probs), probs)  # top-k = V is off
     with pytest.raises(kad.KadError, match="top_p"):
         kad.Warp(top_p=0.0)
 
