@@ -16,6 +16,7 @@ from kad.bench import (
     BenchConfig,
     agreement,
     bench_command,
+    float32_check,
     parse_ints,
     random_prompts,
     run_bench,
@@ -218,6 +219,14 @@ def tiny_model(kind: str) -> torch.nn.Module:
     with torch.no_grad():
         model.get_output_embeddings().weight.mul_(20.0)
     return model
+
+
+def test_float32_check_of_two_different_models():
+    """`kad bench`'s identity check (fast path vs engine) on a pair whose models differ, so that
+    mixing and speculative acceptance have work to do."""
+    check = float32_check(tiny_model("llama"), tiny_model("qwen2"), new_tokens=24)
+    assert all(case["equal"] for case in check["cases"].values()), check
+    assert check["max_logprob_diff_decode"] < 1e-4
 
 
 @pytest.mark.parametrize("kind", sorted(ARCHS))
