@@ -22,11 +22,10 @@ from pathlib import Path
 import torch
 
 import kad
-from kad.bench import agreement, decode_ids, float32_check
+from kad.bench import agreement, decode_ids, float32_check, random_float32_pair
 from kad.engine import DecodeSession, ModelRunner
 from kad.fast import FastSession, StaticRunner
 from kad.fast.graphs import compiled_uniforms
-from kad.fast.presets import random_model
 from kad.sampling import Warp, counter_uniform
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository, for tests.stats
@@ -35,17 +34,15 @@ from tests.stats import homogeneity_p_value
 
 def check(preset: str) -> dict:
     """A random-weight pair of the preset (two seeds) in float32: `kad.bench.float32_check`."""
-    base, proxy = (random_model_seeded(preset, seed) for seed in (0, 1))
-    out = {"preset": preset, "dtype": "float32", **float32_check(base, proxy)}
+    out = {
+        "preset": preset,
+        "dtype": "float32",
+        **float32_check(*random_float32_pair(preset, "cuda")),
+    }
     for label, case in out["cases"].items():
         print(label, case, flush=True)
     print("max |Δ log p| one decode step:", out["max_logprob_diff_decode"], flush=True)
     return out
-
-
-def random_model_seeded(preset: str, seed: int):
-    torch.manual_seed(seed)
-    return random_model(preset, device="cuda", dtype=torch.float32)
 
 
 def check_aligner() -> dict:

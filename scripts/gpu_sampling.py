@@ -6,7 +6,7 @@ round runs them (eager, uniforms compiled) and wholly compiled by Inductor (an e
 vocabulary at batch 1: the fused round does not compile them), and profiles the kernels of the sampled decision. Writes $OUT/sampling.json.
 
     python scripts/gpu_sampling.py          (on the GPU)
-    python scripts/gpu_sampling.py --dry    (a quick run of the same code on the CPU)
+    python scripts/gpu_sampling.py --dry    (a quick run of the same code on the CPU; writes no file)
 """
 
 from __future__ import annotations
@@ -18,10 +18,9 @@ import sys
 import torch
 
 from kad.bench import _random_pair, _seconds_of, kernel_profile
-from kad.fast.graphs import compiled_uniforms
 from kad.fast.session import Draws, decide, decide_sampled
 from kad.rules import Dual
-from kad.sampling import Warp, counter_uniform
+from kad.sampling import Warp
 
 VOCABS = {"llama3": 128256, "olmo2": 100352, "qwen3": 151936}
 WARPS = {"T=1 top-p 0.9": Warp(temperature=1.0, top_p=0.9), "T=1": Warp(temperature=1.0)}
@@ -35,10 +34,9 @@ def cases(batch: int, gamma: int, vocab: int, device: torch.device) -> dict:
     q_tilde = q[:, :gamma] if gamma else None
     seeds = torch.arange(batch, device=device)
     positions = torch.zeros(batch, dtype=torch.long, device=device)
-    uniforms = compiled_uniforms() if device.type == "cuda" else counter_uniform
 
     def sampled(warp: Warp):
-        draws = Draws(seeds, positions, gamma, uniforms)
+        draws = Draws(seeds, positions, gamma, compiled=device.type == "cuda")
         return decide_sampled(p, q, drafted, rule, warp, q_tilde, draws)
 
     out = {"greedy": lambda: decide(p, q, drafted, rule)}
@@ -69,8 +67,9 @@ def main() -> None:
                     row[f"{name} compiled ms"] = f"failed: {type(error).__name__}: {error}"[:300]
             print({k: v for k, v in row.items() if "profile" not in k}, flush=True)
             results.append(row)
-    with open(os.path.join(os.environ.get("OUT", "."), "sampling.json"), "w") as f:
-        json.dump(results, f, indent=2)
+    if not dry:
+        with open(os.path.join(os.environ.get("OUT", "."), "sampling.json"), "w") as f:
+            json.dump(results, f, indent=2)
     for row in results:
         for key, value in row.items():
             if key.endswith("profile"):

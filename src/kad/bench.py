@@ -45,7 +45,7 @@ from transformers import PreTrainedModel
 
 from kad.engine import DecodeSession, ModelRunner
 from kad.errors import KadError
-from kad.fast.graphs import Graph, compiled_uniforms, restored, seconds
+from kad.fast.graphs import Graph, restored, seconds
 from kad.fast.llama import unsupported_reason
 from kad.fast.presets import parameter_count, parse_pair, random_model
 from kad.fast.roofline import (
@@ -60,7 +60,7 @@ from kad.fast.runner import StaticRunner
 from kad.fast.session import GREEDY, Draws, FastSession, decide, decide_sampled, fused_round
 from kad.models import resolve_device, resolve_dtype
 from kad.rules import BaseOnly, Dual, Primal, Rule
-from kad.sampling import Warp, counter_uniform
+from kad.sampling import Warp
 from kad.speculative import AutoGamma
 
 ACCEPTANCE_GRID: tuple[float, ...] = (0.5, 0.6, 0.7, 0.75, 0.8, 0.9)
@@ -231,13 +231,20 @@ def float32_models(
     proxy preset with two random seeds; with real models, a float32 copy of the proxy in both
     roles."""
     if config.random_init is not None:
-        models = []
-        for seed in (0, 1):
-            torch.manual_seed(seed)
-            models.append(random_model(pair.proxy_name, device=device, dtype=torch.float32))
-        return models[0], models[1]
+        return random_float32_pair(pair.proxy_name, device)
     proxy = copy.deepcopy(pair.proxy).float()
     return proxy, proxy
+
+
+def random_float32_pair(
+    preset: str, device: torch.device | str
+) -> tuple[PreTrainedModel, PreTrainedModel]:
+    """Two float32 models of a preset with random weights (seeds 0 and 1)."""
+    models = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        models.append(random_model(preset, device=device, dtype=torch.float32))
+    return models[0], models[1]
 
 
 def float32_check(base: PreTrainedModel, proxy: PreTrainedModel, new_tokens: int = 48) -> dict:
@@ -448,10 +455,9 @@ def sampling_seconds(rule: Rule, warp: Warp, batch: int, vocab: int, runner: Sta
     seeds = torch.arange(batch, device=device)
     positions = torch.zeros(batch, dtype=torch.long, device=device)
     drafted = torch.zeros(batch, 0, dtype=torch.long, device=device)
-    uniforms = compiled_uniforms() if runner.compiled else counter_uniform
 
     def step() -> Any:
-        draws = Draws(seeds, positions, 0, uniforms)
+        draws = Draws(seeds, positions, 0, runner.compiled)
         return decide_sampled(p, q, drafted, rule, warp, None, draws)
 
     return _seconds_of(step, device, runner.use_graphs)

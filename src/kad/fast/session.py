@@ -23,7 +23,6 @@ round (`DecodeSession.step`), which also reads the host once per round.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 import torch
 
@@ -63,8 +62,7 @@ def fused_round(
     the accepted count; the next pending token ``[B]``; whether the rule reports an unfilled
     budget).
     """
-    uniforms = compiled_uniforms() if base.compiled else counter_uniform
-    draws = None if warp.greedy else Draws(seeds, base.next_pos, gamma, uniforms)
+    draws = None if warp.greedy else Draws(seeds, base.next_pos, gamma, base.compiled)
     current = pending_proxy
     q_steps, q_tilde, drafts = [], [], []
     for j in range(gamma):
@@ -113,15 +111,16 @@ class Draws:
     """A round's uniforms, all drawn at its start: row b's draw for stream k is
     counter_uniform(seed_b, position_b, k), position_b being the row's base valid-token count
     when the round starts, for the 3γ + 3 streams of a round of γ drafts (module doc).
-    ``uniforms``: `counter_uniform` or its compiled form (same values)."""
+    ``compiled``: hash with the compiled `counter_uniform` (one kernel; the same values)."""
 
     def __init__(
         self,
         seeds: torch.Tensor,
         positions: torch.Tensor,
         gamma: int,
-        uniforms: Callable[..., torch.Tensor] = counter_uniform,
+        compiled: bool = False,
     ) -> None:
+        uniforms = compiled_uniforms() if compiled else counter_uniform
         streams = torch.arange(3 * gamma + 3, device=seeds.device)  # [S]
         self.table = uniforms(seeds.unsqueeze(-1), positions.unsqueeze(-1), streams)  # [B, S]
 
