@@ -398,9 +398,8 @@ def time_session(
                 rule,
                 speculative,
                 new_tokens,
-                warp,
-                None,
-                tokenizer,
+                warp=warp,
+                tokenizer=tokenizer,
             )
             _sync(device)
             t0 = time.perf_counter()
