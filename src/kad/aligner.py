@@ -117,6 +117,9 @@ class Aligner:
         base_template: Template = None,
         proxy_template: Template = None,
         fast: bool | None = None,
+        max_rows: int | None = None,
+        max_context: int | None = None,
+        memory_fraction: float | None = None,
     ) -> Aligner:
         """Load the models from local directories, GGUF files, or Hub ids (online only).
 
