@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import random
 import warnings
-import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -15,9 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from transformers import PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
-from kad.engine import DecodeSession, ModelRunner
 from kad.errors import ContextLengthError, KadError, PromptError
-from kad.fast import FastSession, StaticRunner, make_runner
 from kad.models import (
     Prompt,
     PromptPart,
@@ -33,24 +30,13 @@ from kad.models import (
 )
 from kad.outputs import Generation
 from kad.rules import Dual, Rule, make_rule
-from kad.sampling import Warp
+from kad.runtime.runner import log_probs
+from kad.runtime.scheduler import PREFILL_CHUNK, Runtime, Session
+from kad.runtime.sequence import Request
+from kad.sampling import Warp, check_seed, row_seed
 from kad.speculative import parse_speculative
 
 PromptLike = str | Raw | Prompt | Sequence[dict]
-MAX_RUNNER_SETS = 4  # static runner sets an Aligner keeps between sessions (each holds KV caches)
-
-
-@dataclass
-class _RunnerSet:
-    """Static runners kept between sessions, and the session decoding with them (if any)."""
-
-    runners: dict[str, StaticRunner]
-    holder: weakref.ref | None = None
-
-    @property
-    def free(self) -> bool:
-        session = self.holder() if self.holder is not None else None
-        return session is None or session.done
 
 
 @dataclass
@@ -70,6 +56,10 @@ class Aligner:
     """A base model p steered by an aligned proxy q* that shares its vocabulary.
 
     ``proxy_base`` (q, the proxy before alignment) is needed only by the implicit-reward rule.
+    Decoding runs on one continuous-batching `kad.runtime.scheduler.Runtime`, made on first use:
+    one KV pool per model of ``max_rows`` slots × ``max_context`` tokens (sized from a memory
+    budget when not given, see `kad.runtime.pool.plan_pool`). ``fast``: the compact forward of
+    `kad.fast` (None: for the architectures it supports; False: transformers' forward).
     """
 
     def __init__(
@@ -79,16 +69,28 @@ class Aligner:
         proxy_base: Member | None = None,
         *,
         fast: bool | None = None,
+        max_rows: int | None = None,
+        max_context: int | None = None,
+        memory_fraction: float | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
         self.members = {"base": base, "proxy": proxy}
-        # Static KV caches and compiled steps (kad.fast): None = on a CUDA device, for the
-        # architectures the compact forward supports; the engine's runners otherwise.
-        self.fast = fast
-        # Sets of static runners kept between sessions (their buffers and CUDA graphs stay
-        # valid), each with the session that holds it now.
-        self._runner_sets: list[_RunnerSet] = []
         if proxy_base is not None:
             self.members["proxy_base"] = proxy_base
+        self.fast = fast
+        self.pool_settings = {
+            "max_rows": max_rows,
+            "max_context": max_context,
+            "memory_fraction": memory_fraction,
+        }
+        if (
+            isinstance(prefill_chunk, bool)
+            or not isinstance(prefill_chunk, int)
+            or (prefill_chunk < 1)
+        ):
+            raise KadError(f"prefill_chunk must be an integer >= 1, got {prefill_chunk!r}")
+        self.prefill_chunk = prefill_chunk
+        self._runtime: Runtime | None = None
         self.vocab_size = shared_vocab_size(
             [m.tokenizer for m in self.members.values()],
             [m.model.get_output_embeddings().weight.shape[0] for m in self.members.values()],
@@ -125,7 +127,8 @@ class Aligner:
 
         dtype None: float32 on CPU, bfloat16 on a GPU. Templates: None (the proxy uses its chat
         template, the base raw text), a string with ``{prompt}``, or a callable. fast: the
-        static-cache path of `kad.fast` (None: on a GPU, for Llama, Qwen2/3 and OLMo2 models).
+        compact forward of `kad.fast` (None: for Llama, Qwen2/3 and OLMo2 models). max_rows,
+        max_context, memory_fraction: the runtime's KV pool (see the class docstring).
         """
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
@@ -144,7 +147,13 @@ class Aligner:
         members = [load(base, False, base_template), load(proxy, True, proxy_template)]
         if proxy_base is not None:
             members.append(load(proxy_base, True, proxy_template))
-        return cls(*members, fast=fast)
+        return cls(
+            *members,
+            fast=fast,
+            max_rows=max_rows,
+            max_context=max_context,
+            memory_fraction=memory_fraction,
+        )
 
     @property
     def tokenizer(self) -> PreTrainedTokenizerBase:
@@ -176,33 +185,21 @@ class Aligner:
                     )
         return ids
 
-    def _runners(self, rule: Rule) -> dict[str, ModelRunner | StaticRunner]:
-        """A KV cache per model the rule reads (q only for rules that need it).
-
-        Static runners come from a set that no unfinished session holds, so their buffers and
-        captured graphs serve the next call; up to `MAX_RUNNER_SETS` sets are kept (sessions
-        that run side by side, as in a server, each need one). Engine runners are made fresh."""
-        roles = [r for r in self.members if r != "proxy_base" or rule.needs_proxy_base]
-        free = [entry for entry in self._runner_sets if entry.free]
-        for entry in free:
-            if set(roles) <= set(entry.runners):
-                return {role: entry.runners[role] for role in roles}
-        runners = {
-            role: make_runner(self.members[role].model, self.vocab_size, fast=self.fast)
-            for role in roles
-        }
-        if all(isinstance(r, StaticRunner) for r in runners.values()):
-            if len(self._runner_sets) >= MAX_RUNNER_SETS and free:
-                self._runner_sets.remove(free[0])  # a set for other roles: replace it
-            if len(self._runner_sets) < MAX_RUNNER_SETS:
-                self._runner_sets.append(_RunnerSet(dict(runners)))
-        return runners
-
-    def _hold(self, session: DecodeSession) -> None:
-        """Mark the kept set of ``session``'s runners busy while it decodes."""
-        for entry in self._runner_sets:
-            if any(r is entry.runners.get(role) for role, r in session.runners.items()):
-                entry.holder = weakref.ref(session)
+    @property
+    def runtime(self) -> Runtime:
+        """The continuous-batching runtime over this family (its KV pools are made once)."""
+        if self._runtime is None:
+            self._runtime = Runtime(
+                {role: m.model for role, m in self.members.items()},
+                {role: m.context for role, m in self.members.items()},
+                self.vocab_size,
+                self.tokenizer,
+                self.eos_ids,
+                fast=self.fast,
+                prefill_chunk=self.prefill_chunk,
+                **self.pool_settings,
+            )
+        return self._runtime
 
     def _check_rule(self, rule: Rule | str) -> Rule:
         if isinstance(rule, str):
@@ -219,80 +216,90 @@ class Aligner:
     def start(
         self,
         prompts: PromptLike | Sequence[PromptLike],
-        rule: Rule | str | None = None,
+        rule: Rule | str | Sequence[Rule | str] | None = None,
         max_new_tokens: int | Sequence[int] = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
         seed: int | Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
         speculative: int | str | None = None,
-    ) -> DecodeSession:
-        """A step-wise decoding session over a batch of prompts (see `generate`).
+        *,
+        prompt_ids: dict[str, list[list[int]]] | None = None,
+    ) -> Session:
+        """Queue prompts in the runtime and return their `Session` (see `generate`).
 
-        ``max_new_tokens`` may also be one budget per prompt."""
+        ``rule``, ``max_new_tokens``, ``temperature``, ``top_p``, ``top_k`` and ``seed`` may be
+        one value per prompt: rows with different settings share one batch. ``prompt_ids``:
+        the prompts as `encode_prompts` already tokenized them (the server's path)."""
         batch = _as_batch(prompts)
         if not batch:
             raise PromptError("no prompts were given")
-        rule = self._check_rule(Dual() if rule is None else rule)
-        warp = Warp(temperature=temperature, top_k=top_k, top_p=top_p)
-        limits = _budgets(max_new_tokens, len(batch))
-        stops = [stop] if isinstance(stop, str) else list(stop or [])
-        seeds = _seeds(seed, len(batch))
-        with torch.inference_mode():
-            prompt_ids = self.encode_prompts(batch)
-            runners = self._runners(rule)
-            budgets = [
-                min(
-                    [limits[i]] + [self.members[r].context - len(prompt_ids[r][i]) for r in runners]
-                )
-                for i in range(len(batch))
-            ]
-            session = FastSession(
-                runners,
-                prompt_ids,
-                rule=rule,
-                warp=warp,
-                max_new_tokens=budgets,
-                seeds=seeds,
-                tokenizer=self.tokenizer,
-                eos_ids=self.eos_ids,
-                stop=stops,
-                speculative=parse_speculative(speculative),
+        n = len(batch)
+        rules = [self._check_rule(Dual() if r is None else r) for r in _rows(rule, n, "rule")]
+        warps = [
+            Warp(temperature=t, top_k=k, top_p=p)
+            for t, k, p in zip(
+                _rows(temperature, n, "temperature"),
+                _rows(top_k, n, "top_k"),
+                _rows(top_p, n, "top_p"),
+                strict=True,
             )
-            self._hold(session)
-            return session
+        ]
+        limits = _budgets(max_new_tokens, n)
+        stops = tuple(s for s in ([stop] if isinstance(stop, str) else list(stop or [])))
+        for text in stops:
+            if not isinstance(text, str):
+                raise KadError(f"a stop string must be text, got {text!r}")
+        seeds = _seeds(seed, n)
+        spec = parse_speculative(speculative)
+        ids = self.encode_prompts(batch) if prompt_ids is None else prompt_ids
+        runtime = self.runtime
+        requests = []
+        for i in range(n):
+            row_ids = {role: rows[i] for role, rows in ids.items()}
+            budget = runtime.budget(
+                {r: v for r, v in row_ids.items() if r in runtime.runners}, limits[i]
+            )
+            requests.append(Request(row_ids, rules[i], warps[i], seeds[i], budget, stops, spec))
+        return Session(runtime, [runtime.add(r) for r in requests])
 
     def generate(
         self,
         prompts: PromptLike | Sequence[PromptLike],
-        rule: Rule | str | None = None,
+        rule: Rule | str | Sequence[Rule | str] | None = None,
         max_new_tokens: int | Sequence[int] = 256,
-        temperature: float = 0.0,
-        top_p: float = 1.0,
-        top_k: int = 0,
+        temperature: float | Sequence[float] = 0.0,
+        top_p: float | Sequence[float] = 1.0,
+        top_k: int | Sequence[int] = 0,
         seed: int | Sequence[int] | None = None,
         stop: str | Sequence[str] | None = None,
         speculative: int | str | None = None,
         progress: bool = False,
     ) -> list[Generation]:
-        """Decode a batch of prompts under ``rule`` (default: KAD dual, λ = 0.4).
+        """Decode prompts under ``rule`` (default: KAD dual, λ = 0.4).
 
         A prompt is user text (each model renders it its own way), a list of chat messages, or a
-        `Prompt` with one rendering per model. temperature 0 is greedy; ``seed`` (one int for
-        every row, or one per row) makes sampling reproducible and independent of the batch.
-        ``speculative``: None (plain), a draft length γ ≥ 1, or "auto". Returns one `Generation`
-        per prompt.
+        `Prompt` with one rendering per model. Any number of prompts streams through the
+        runtime's ``max_rows`` slots. temperature 0 is greedy; ``seed``: one int (row i draws
+        from its own stream, derived from (seed, i); row 0 equals the prompt run alone with that
+        seed), or one per prompt. ``speculative``: None (plain), a draft length γ ≥ 1, or
+        "auto". Per-prompt lists are accepted as in `start`. Returns one `Generation` per prompt.
         """
         session = self.start(
             prompts, rule, max_new_tokens, temperature, top_p, top_k, seed, stop, speculative
         )
-        with torch.inference_mode(), _progress(progress, len(session.states)) as bar:
-            task = bar.add_task("decoding", total=len(session.states)) if bar else None
+        total = sum(seq.request.max_new_tokens for seq in session.sequences)
+        with torch.inference_mode(), _progress(progress) as bar:
+            task = bar.add_task("decoding", total=total) if bar else None
             while not session.done:
-                events = session.step()
+                session.step()
                 if bar is not None:
-                    bar.update(task, advance=sum(e.finished for e in events))
+                    done = sum(
+                        seq.request.max_new_tokens if seq.finished else len(seq.token_ids)
+                        for seq in session.sequences
+                    )
+                    bar.update(task, completed=done)
         return session.results()
 
     def score(
@@ -304,40 +311,40 @@ class Aligner:
         """Teacher-forced log π(continuation | prompt), summed over the continuation's tokens.
 
         The continuation is tokenized once with the shared vocabulary (no special tokens) and
-        scored position by position under the unwarped mixture π of ``rule``.
+        scored position by position under the unwarped mixture π of ``rule``: each model reads
+        its prompt and the continuation in one forward (no cache).
         """
         batch = _as_batch(prompts)
         conts = [continuations] if isinstance(continuations, str) else list(continuations)
+        if not batch:
+            raise PromptError("no prompts were given")
         if len(batch) != len(conts):
             raise KadError(f"{len(batch)} prompts but {len(conts)} continuations")
         rule = self._check_rule(Dual() if rule is None else rule)
         cont_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
         if any(not ids for ids in cont_ids):
             raise KadError("a continuation to score is empty")
+        roles = [r for r in self.members if r != "proxy_base" or rule.needs_proxy_base]
+        scores = []
         with torch.inference_mode():
             prompt_ids = self.encode_prompts(batch)
-            for role, rows in prompt_ids.items():
-                context = self.members[role].context
-                for i, row in enumerate(rows):
-                    if len(row) + len(cont_ids[i]) > context:
+            for i, cont in enumerate(cont_ids):
+                dists = {}
+                for role in roles:
+                    member, row = self.members[role], prompt_ids[role][i]
+                    if len(row) + len(cont) > member.context:
                         raise ContextLengthError(
                             f"prompt {i} with its continuation is over the {role} model's "
-                            f"context of {context} tokens"
+                            f"context of {member.context} tokens"
                         )
-            width = max(len(c) for c in cont_ids)
-            targets = torch.zeros(len(batch), width, dtype=torch.long)  # [B, n] right-padded
-            valid = torch.zeros(len(batch), width, dtype=torch.bool)
-            for i, ids in enumerate(cont_ids):
-                targets[i, : len(ids)] = torch.tensor(ids)
-                valid[i, : len(ids)] = True
-            dists = {}
-            for role, runner in self._runners(rule).items():
-                last = runner.prefill(prompt_ids[role])
-                inputs = torch.cat([last.cpu().unsqueeze(-1), targets[:, :-1]], dim=-1)
-                dists[role] = runner.forward(inputs).exp().cpu()  # [B, n, V]
-            pi = rule.mix(dists["base"], dists["proxy"], dists.get("proxy_base")).pi
-            token_logp = torch.log(pi.gather(-1, targets.unsqueeze(-1)).squeeze(-1))
-            return (token_logp * valid).sum(dim=-1).tolist()
+                    device = member.model.get_input_embeddings().weight.device
+                    ids = torch.tensor([row + cont[:-1]], device=device)
+                    logits = member.model(input_ids=ids).logits[0, len(row) - 1 :]  # [n, V]
+                    dists[role] = log_probs(logits[:, : self.vocab_size]).exp().cpu()
+                pi = rule.mix(dists["base"], dists["proxy"], dists.get("proxy_base")).pi
+                target = torch.tensor(cont).unsqueeze(-1)
+                scores.append(torch.log(pi.gather(-1, target)).sum().item())
+        return scores
 
 
 def _as_batch(prompts: Any) -> list[PromptLike]:
@@ -361,19 +368,28 @@ def _budgets(max_new_tokens: int | Sequence[int], batch: int) -> list[int]:
     return limits
 
 
+def _rows(value: Any, batch: int, name: str) -> list[Any]:
+    """One value for every row, or a list of one per row."""
+    if isinstance(value, (list, tuple)):
+        if len(value) != batch:
+            raise KadError(f"{len(value)} {name} values for {batch} prompts")
+        return list(value)
+    return [value] * batch
+
+
 def _seeds(seed: int | Sequence[int] | None, batch: int) -> list[int]:
+    """Each row's seed: random; from one int, row i's own stream (`row_seed`); or as given."""
     if seed is None:
         return [random.randrange(2**62) for _ in range(batch)]
-    if isinstance(seed, int):
-        return [seed] * batch
-    seeds = list(seed)
-    if len(seeds) != batch:
-        raise KadError(f"{len(seeds)} seeds for {batch} prompts")
-    return seeds
+    if isinstance(seed, (list, tuple)):
+        if len(seed) != batch:
+            raise KadError(f"{len(seed)} seeds for {batch} prompts")
+        return [check_seed(s) for s in seed]
+    return [row_seed(check_seed(seed), i) for i in range(batch)]
 
 
-def _progress(enabled: bool, total: int):
-    """A rich progress bar over finished sequences, or a null context."""
+def _progress(enabled: bool):
+    """A rich progress bar over generated tokens, or a null context."""
     if not enabled:
         from contextlib import nullcontext
 
@@ -382,6 +398,7 @@ def _progress(enabled: bool, total: int):
         TextColumn("[progress.description]{task.description}"),
         BarColumn(),
         MofNCompleteColumn(),
+        TextColumn("tokens"),
         TimeElapsedColumn(),
         transient=True,
     )

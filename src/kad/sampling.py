@@ -4,19 +4,22 @@ Warping (SPEC section 5) applies to the target π after mixing: temperature T, t
 top-p. T = 0 is greedy: the warped target is the one-hot of argmax π (lowest id among ties), so
 greedy decoding and speculative verification are the same code as sampling.
 
-Two sources of randomness, both one stream per row (a row's draws do not depend on its batch):
-- per-row `torch.Generator`s (`make_generators`, `sample`, `uniform`): the engine's round;
-- counter-based uniforms (`counter_uniform`): a pure function of (seed, counter, stream), so a
-  round captured as a CUDA graph draws fresh numbers at every replay with no generator state.
+Randomness comes from counter-based uniforms (`counter_uniform`): a pure function of (seed,
+counter, stream), one stream per row, so a row's draws do not depend on its batch or on when it
+joined, and a round captured as a CUDA graph draws fresh numbers at every replay with no
+generator state. Tokens are drawn by inverse CDF (`sample_inverse_cdf`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
 
 from kad.errors import KadError
+
+SEED_LIMIT = 2**63  # seeds are int64 on the device
 
 
 @dataclass(frozen=True)
@@ -28,10 +31,15 @@ class Warp:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if not self.temperature >= 0:
-            raise KadError(f"temperature must be >= 0, got {self.temperature}")
-        if not isinstance(self.top_k, int) or self.top_k < 0:
-            raise KadError(f"top_k must be an integer >= 0, got {self.top_k}")
+        number = (int, float)
+        if isinstance(self.temperature, bool) or not isinstance(self.temperature, number):
+            raise KadError(f"temperature must be a number >= 0, got {self.temperature!r}")
+        if not self.temperature >= 0 or math.isinf(self.temperature):
+            raise KadError(f"temperature must be a finite number >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise KadError(f"top_k must be an integer >= 0, got {self.top_k!r}")
+        if isinstance(self.top_p, bool) or not isinstance(self.top_p, number):
+            raise KadError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
         if not 0.0 < self.top_p <= 1.0:
             raise KadError(f"top_p must be in (0, 1], got {self.top_p}")
 
@@ -39,51 +47,64 @@ class Warp:
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
+    @property
+    def cuts(self) -> bool:
+        """Whether top-k or top-p removes tokens (a sort over the vocabulary)."""
+        return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
+
+    def row(self) -> list[float]:
+        """The row of a batch's warp table: temperature, top_k, top_p."""
+        return [float(self.temperature), float(self.top_k), float(self.top_p)]
+
     def __call__(self, probs: torch.Tensor) -> torch.Tensor:
         """The warped distribution ``[..., V]`` of probabilities ``[..., V]``."""
-        if self.greedy:
-            top = probs.argmax(dim=-1, keepdim=True)
-            return torch.zeros_like(probs).scatter_(-1, top, 1.0)
-        warped = probs  # T = 1 and no top-k: softmax(log p) is p, so skip both passes over V
-        cut = bool(self.top_k) and self.top_k < probs.shape[-1]
-        if self.temperature != 1.0 or cut:
-            logits = torch.log(probs)
-            if self.temperature != 1.0:
-                logits = logits / self.temperature
-            if cut:
-                kth = torch.topk(logits, self.top_k, dim=-1).values[..., -1:]
-                logits = logits.masked_fill(logits < kth, -torch.inf)
-            warped = torch.softmax(logits, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(warped, dim=-1, descending=True)
-            before = torch.cumsum(sorted_probs, dim=-1) - sorted_probs  # mass strictly above
-            drop_sorted = before >= self.top_p  # always keeps the first token
-            drop = torch.zeros_like(drop_sorted).scatter_(-1, order, drop_sorted)
-            warped = warped.masked_fill(drop, 0.0)
-            warped = warped / warped.sum(dim=-1, keepdim=True)
-        return warped
+        table = torch.tensor([self.row()], dtype=torch.float32, device=probs.device)
+        flat = probs.reshape(1, -1, probs.shape[-1])
+        return warp_rows(flat, table, cut=self.cuts).reshape(probs.shape)
 
 
-def make_generators(seeds: list[int], device: torch.device) -> list[torch.Generator]:
-    """One generator per row, so that a row's samples do not depend on its batch."""
-    return [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
+def warp_rows(probs: torch.Tensor, table: torch.Tensor, cut: bool = True) -> torch.Tensor:
+    """Each row's warped distribution: probs ``[B, ..., V]``, ``table`` ``[B, 3]`` rows of
+    `Warp.row` (temperature, top_k, top_p).
+
+    softmax(log π / T), then the k most probable tokens (k > 0), then the smallest prefix of
+    the rest by probability whose mass reaches top_p; greedy rows (T = 0) get the one-hot of
+    argmax π (lowest id among ties). ``cut`` False skips top-k and top-p (no row uses them)."""
+    shape = (table.shape[0],) + (1,) * (probs.dim() - 1)
+    temperature, top_k, top_p = (table[:, i].reshape(shape) for i in range(3))
+    greedy = temperature == 0
+    scale = torch.where(greedy, torch.ones_like(temperature), temperature)
+    warped = torch.softmax(torch.log(probs) / scale, dim=-1)
+    if cut:
+        ordered, order = torch.sort(warped, dim=-1, descending=True, stable=True)
+        rank = torch.arange(probs.shape[-1], device=probs.device)
+        in_k = (top_k <= 0) | (rank < top_k)  # [B, ..., V] in sorted order
+        kept = ordered * in_k
+        before = (torch.cumsum(kept, dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)
+        keep_sorted = in_k & (before < top_p)  # always keeps the first token
+        keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
+        warped = warped * keep
+        warped = warped / warped.sum(dim=-1, keepdim=True)
+    one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
+    return torch.where(greedy, one_hot, warped)
 
 
-def sample(probs: torch.Tensor, generators: list[torch.Generator] | None) -> torch.Tensor:
-    """One token per row of ``probs`` ``[B, V]`` -> ``[B]``, by the exponential race
-    argmax_v p_v / E_v with E_v ~ Exp(1) (an exact sample of p, no host sync).
-    With no generators (greedy: one-hot rows), the argmax."""
-    if generators is None:
-        return probs.argmax(dim=-1)
-    noise = torch.stack(
-        [torch.empty_like(probs[0]).exponential_(generator=g) for g in generators]
-    )  # [B, V]
-    return (probs / noise).argmax(dim=-1)
+def check_seed(seed: object) -> int:
+    """A seed is an integer in [0, 2^63); anything else is a KadError."""
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        raise KadError(f"seed must be an integer in [0, 2^63), got {seed!r}")
+    return seed
 
 
-def uniform(generators: list[torch.Generator], device: torch.device) -> torch.Tensor:
-    """One U(0, 1) draw per row ``[B]``."""
-    return torch.cat([torch.rand(1, generator=g, device=device) for g in generators])
+def row_seed(seed: int, row: int) -> int:
+    """The seed of row ``row`` of a batch seeded with one int: the seed itself for row 0 (so
+    row 0 equals the prompt run alone), a splitmix64 hash of (seed, row) for the others."""
+    if row == 0:
+        return seed
+    z = (seed + row * 0x9E3779B97F4A7C15) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & 0xFFFFFFFFFFFFFFFF
+    return (z ^ (z >> 31)) % SEED_LIMIT
 
 
 _MASK32 = 0xFFFFFFFF

@@ -22,7 +22,6 @@ from dataclasses import dataclass
 import torch
 
 from kad.errors import KadError
-from kad.sampling import sample
 
 
 def accepted_lengths(
@@ -63,16 +62,6 @@ def next_distribution(
         residual = torch.where(mass > 0, residual / mass.clamp_min(1e-30), at)
         at = torch.where((accepted < gamma).unsqueeze(-1), residual, at)
     return at
-
-
-def next_token(
-    accepted: torch.Tensor,
-    target: torch.Tensor,
-    draft_probs: torch.Tensor,
-    generators: list[torch.Generator] | None,
-) -> torch.Tensor:
-    """A draw ``[B]`` from `next_distribution` with each row's generator (None: greedy)."""
-    return sample(next_distribution(accepted, target, draft_probs), generators)
 
 
 def acceptance_probability(target: torch.Tensor, draft_probs: torch.Tensor) -> torch.Tensor:

@@ -91,7 +91,7 @@ def compiled_uniforms() -> Callable:
 def mark_step_dynamic(
     x: torch.Tensor,
     caches: Iterable[torch.Tensor],
-    slots: torch.Tensor,
+    cols: torch.Tensor,
     rope: Iterable[torch.Tensor],
     mask: torch.Tensor,
 ) -> None:
@@ -101,7 +101,8 @@ def mark_step_dynamic(
     mark(x, 1)
     for cache in caches:
         mark(cache, 0)
-    mark(slots, 0)
+    mark(cols, 0)
+    mark(cols, 1)
     for table in rope:
         mark(table, 0)
         mark(table, 2)

@@ -13,8 +13,9 @@ Projections that read the same input run as one matrix product: q, k, v as ``qkv
 as ``gate_up``. The fused weight is made once per model, and the model's own q/k/v (gate/up)
 weights become row slices of it, so it costs no memory and the model itself is unchanged.
 
-The KV cache of one layer is a tensor ``[B, Hkv, S, D]`` indexed by slot: a step writes its keys
-and values at slots ``slots`` and attends to the slots that ``mask`` marks visible. Everything is
+The KV cache of one layer is a tensor ``[B, Hkv, S, D]``, one row per sequence: a step writes its
+keys and values at each row's columns ``cols`` ``[B, n]`` and attends to the columns that
+``mask`` marks visible. Everything is
 a pure tensor function of its arguments (no module calls), so one compiled graph serves every
 layer of a model.
 """
@@ -243,7 +244,7 @@ def layer_forward(
     w: Layer,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
-    slots: torch.Tensor,
+    cols: torch.Tensor,
     cos: torch.Tensor,
     sin: torch.Tensor,
     mask: torch.Tensor,
@@ -251,8 +252,9 @@ def layer_forward(
 ) -> torch.Tensor:
     """One decoder layer: x ``[B, n, E]`` -> ``[B, n, E]``.
 
-    Writes this step's keys and values into k_cache/v_cache ``[B, Hkv, S, D]`` at ``slots``
-    ``[n]``, then attends over the slots that ``mask`` ``[B, 1, 1, n, S]`` shows.
+    Writes this step's keys and values into k_cache/v_cache ``[B, Hkv, S, D]`` at each row's
+    columns ``cols`` ``[B, n]``, then attends over the columns that ``mask`` ``[B, 1, 1, n, S]``
+    shows.
     cos/sin ``[B, 1, n, D]`` are the RoPE tables at each token's position.
     """
     batch, n, _ = x.shape
@@ -268,8 +270,9 @@ def layer_forward(
         q, k = rms_norm(q, w.q_norm, eps, wf), rms_norm(k, w.k_norm, eps, wf)
     q = rope(q.transpose(1, 2), cos, sin)  # [B, H, n, D]
     k = rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, n, D]
-    k_cache[:, :, slots] = k
-    v_cache[:, :, slots] = v.transpose(1, 2)
+    index = cols[:, None, :, None].expand(-1, arch.kv_heads, -1, arch.head_dim)  # [B, Hkv, n, D]
+    k_cache.scatter_(2, index, k)
+    v_cache.scatter_(2, index, v.transpose(1, 2))
     attn = linear(attend(q, k_cache, v_cache, mask), w.o)
     if arch.post_norm:
         x = x + rms_norm(attn, w.norm_attn, eps, wf)

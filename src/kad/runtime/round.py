@@ -1,0 +1,138 @@
+"""One decoding round for a batch of slots, whatever their rules and sampling parameters.
+
+A round (SPEC section 6, draft length γ ≥ 0; plain decoding is γ = 0) over the pool's first B
+slots, every row with its own rule, warp and seed from the `SlotTable`:
+
+1. draft: γ proxy steps, each drawing x_j from the row's warped q̃_j (greedy rows: its argmax);
+2. verify: one base forward over (pending, x_1..x_γ), the proxy's step on x_γ (on a GPU beside
+   it, on a second stream), and the proxy's base when some row's rule reads it;
+3. mix: π of each row under its own rule (`kad.rules.mix_rows`), warped to π̃ (`warp_rows`);
+4. accept x_j while u_j < π̃_j(x_j) / q̃_j(x_j) (greedy rows: while x_j = argmax π), then draw
+   the next token from the residual norm(max(0, π̃ − q̃)) at the first rejection, or from
+   π̃_{γ+1} (greedy: argmax π);
+5. commit the pending token and the accepted drafts in every model (`Runner.advance`); rows
+   that are not decoding (padding of the batch bucket, rows still prefilling) commit nothing.
+
+Uniforms are `counter_uniform(seed, step, stream)`: ``step`` is the row's count of emitted
+tokens at the round's start, the stream 3j for draft j, 3j + 1 for its test, 3γ + 2 for the
+next token. A row's draws therefore depend only on its own seed and progress, never on its batch
+or on when it joined. The round reads nothing on the host: on a GPU it is captured once per
+(batch bucket, γ, models) and replayed; its results come back in one tensor.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from kad.rules import mix_rows
+from kad.runtime.pool import SlotTable
+from kad.runtime.runner import Runner
+from kad.sampling import counter_uniform, sample_inverse_cdf, warp_rows
+from kad.speculative import acceptance_probability, accepted_lengths, next_distribution
+
+FIELDS = 6  # per position: emitted token, proxy share, α, TV(π, q*), unfilled budget, predicted
+
+
+def decode_round(
+    runners: dict[str, Runner],
+    table: SlotTable,
+    batch: int,
+    gamma: int,
+    *,
+    width: int | None = None,
+    live: dict[str, Sequence[int]] | None = None,
+    kinds: Sequence[int] | None = None,
+    cut: bool = True,
+    beside: torch.cuda.Stream | None = None,
+    uniforms=counter_uniform,
+) -> torch.Tensor:
+    """One round over slots 0..batch−1; returns ``[B, FIELDS·(γ+1) + 1]`` float64: per
+    position the `FIELDS` (position-major), then the accepted draft count.
+
+    ``width``: as in `Runner.forward`; ``live``: per model, the batch rows whose outputs matter
+    (None: every row; runners may skip the others); ``kinds``: the rule ids present (None: all);
+    ``cut``: some row uses top-k or top-p; ``beside``: a CUDA stream for the proxy's last step;
+    ``uniforms``: `counter_uniform` or its compiled form (the same values)."""
+    base, proxy = runners["base"], runners["proxy"]
+    proxy_base = runners.get("proxy_base")
+    live = live or {}
+    rules, warps = table.rules[:batch], table.warps[:batch]  # [B, 1 + C], [B, 3]
+    active = table.active[:batch]  # [B] bool
+    dev = table.active.device
+    streams = torch.arange(3 * gamma + 3, device=dev)
+    draws = uniforms(table.seeds[:batch, None], table.steps[:batch, None], streams)  # [B, S]
+    ones = torch.ones(batch, dtype=torch.long, device=dev)
+
+    current = table.pending["proxy"][:batch]
+    q_steps, q_tilde, drafts = [], [], []
+    for j in range(gamma):
+        q_j = proxy.forward(0, current.unsqueeze(-1), width=width, live=live.get("proxy"))[
+            :, 0
+        ].exp()
+        proxy.advance(0, ones)
+        q_steps.append(q_j)  # [B, V]
+        q_tilde.append(warp_rows(q_j, warps, cut))
+        current = sample_inverse_cdf(q_tilde[-1], draws[:, 3 * j])
+        drafts.append(current)
+    drafted = (
+        torch.stack(drafts, dim=1)
+        if drafts
+        else torch.zeros(batch, 0, dtype=torch.long, device=dev)
+    )  # [B, γ]
+
+    def verify_inputs(role: str) -> torch.Tensor:
+        return torch.cat([table.pending[role][:batch].unsqueeze(-1), drafted], dim=-1)  # [B, γ+1]
+
+    if beside is None:
+        q_steps.append(
+            proxy.forward(0, current.unsqueeze(-1), width=width, live=live.get("proxy"))[:, 0].exp()
+        )
+        p = base.forward(
+            0, verify_inputs("base"), width=width, live=live.get("base")
+        ).exp()  # [B, γ+1, V]
+    else:
+        main = torch.cuda.current_stream(dev)
+        beside.wait_stream(main)
+        with torch.cuda.stream(beside):
+            q_last = proxy.forward(0, current.unsqueeze(-1))[:, 0].exp()
+        p = base.forward(0, verify_inputs("base")).exp()
+        main.wait_stream(beside)
+        q_last.record_stream(main)
+        q_steps.append(q_last)
+    proxy.advance(0, ones)
+    q = torch.stack(q_steps, dim=1)  # [B, γ+1, V]
+    q_base = None
+    if proxy_base is not None:
+        rows = live.get("proxy_base")
+        q_base = proxy_base.forward(0, verify_inputs("proxy_base"), width=width, live=rows).exp()
+
+    mix = mix_rows(p, q, q_base, rules, kinds)
+    target = warp_rows(mix.pi, warps, cut)  # [B, γ+1, V] π̃
+    q_tilde_all = torch.stack(q_tilde, dim=1) if q_tilde else target[:, :0]  # [B, γ, V]
+    tests = draws[:, 1 : 3 * gamma : 3]  # [B, γ] stream 3j + 1
+    accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde_all, tests)  # [B]
+    after = next_distribution(accepted, target, q_tilde_all)  # [B, V]
+    token = sample_inverse_cdf(after, draws[:, 3 * gamma + 2])  # [B]
+
+    kept = (accepted + 1) * active  # [B]
+    base.advance(0, kept)
+    proxy.advance(0, kept - (gamma + 1))
+    if proxy_base is not None:
+        proxy_base.advance(0, kept * table.uses_proxy_base[:batch])
+    for role in runners:
+        pending = table.pending[role][:batch]
+        pending.copy_(torch.where(active, token, pending))
+    table.steps[:batch] += kept
+
+    emitted = torch.cat([drafted, token.unsqueeze(-1)], dim=-1)
+    emitted.scatter_(1, accepted.unsqueeze(-1), token.unsqueeze(-1))  # [B, γ+1]
+    chosen = emitted.unsqueeze(-1)
+    share = mix.alpha * q.gather(-1, chosen).squeeze(-1) / mix.pi.gather(-1, chosen).squeeze(-1)
+    tv = 0.5 * (mix.pi - q).abs().sum(dim=-1)  # [B, γ+1]
+    predicted = acceptance_probability(target[:, :gamma], q_tilde_all)  # [B, γ]
+    predicted = torch.cat([predicted, torch.zeros_like(tv[:, :1])], dim=-1)
+    columns = [emitted, share, mix.alpha, tv, mix.unfilled, predicted]
+    fields = torch.stack([c.double() for c in columns], dim=-1)  # [B, γ+1, FIELDS]
+    return torch.cat([fields.flatten(1), accepted.double().unsqueeze(-1)], dim=-1)

@@ -1,0 +1,377 @@
+"""`Runtime`: continuous batching of sequences over one slot pool per model.
+
+Each `step()` is one iteration at a round boundary:
+
+1. **admit**: waiting sequences take free slots, first come first served;
+2. **prefill**: up to ``prefill_chunk`` prompt tokens per model are cached, oldest first, so a
+   long prompt stalls the running rows for one chunk at most;
+3. **decode**: one round (`kad.runtime.round`) over the occupied slots, whatever their rules and
+   sampling parameters; sequences whose prompt is cached join it;
+4. **release**: finished or cancelled sequences free their slot at once; the last occupied slot
+   moves into the hole, so occupied slots stay packed at the front of the pool and a round's
+   batch is a view of the pool's first rows (padded up to a bucket on a GPU).
+
+**γ, per request.** A round has one draft length for its batch. It is 0 (plain) while any
+running row asks for plain decoding; otherwise the smallest fixed γ that a row asks for, or the
+`AutoGamma` choice when rows ask for "auto" (capped by the fixed ones). Decoding is lossless, so
+the batch's γ never changes a greedy row's tokens, nor a sampled row's distribution (only which
+uniforms a sampled row uses: a seeded sampled row is reproducible when it runs with plain rounds,
+or with the same fixed γ).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Sequence as Seq
+from dataclasses import replace
+
+import torch
+from transformers import PreTrainedModel
+from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+from kad.errors import ContextLengthError
+from kad.fast.graphs import Graph, compiled_uniforms, restored
+from kad.fast.llama import unsupported_reason
+from kad.fast.runner import StaticRunner
+from kad.outputs import StepEvent
+from kad.rules import rule_row, spec_of
+from kad.runtime.pool import PoolPlan, SlotTable, plan_pool
+from kad.runtime.round import FIELDS, decode_round
+from kad.runtime.runner import Runner, TransformersRunner
+from kad.runtime.sequence import Request, Sequence
+from kad.speculative import AutoGamma
+
+PREFILL_CHUNK = 512
+BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
+
+
+def make_runner(
+    model: PreTrainedModel, vocab_size: int, rows: int, context: int, fast: bool | None
+) -> Runner:
+    """A `StaticRunner` for the architectures the compact forward supports (unless ``fast`` is
+    False), else a `TransformersRunner`. ``fast`` True insists (a KadError names why not)."""
+    reason = unsupported_reason(model)
+    if fast is False or (reason is not None and fast is None):
+        return TransformersRunner(model, vocab_size, rows, context)
+    return StaticRunner(model, vocab_size, rows, context)
+
+
+def bucket(batch: int, rows: int) -> int:
+    """The captured batch size that holds ``batch`` rows: the next of `BUCKETS`, or ``rows``."""
+    return min(next((b for b in BUCKETS if b >= batch), rows), rows)
+
+
+class Runtime:
+    """The slot pools of a model family and the sequences decoding in them (module doc)."""
+
+    def __init__(
+        self,
+        models: dict[str, PreTrainedModel],
+        contexts: dict[str, int],
+        vocab_size: int,
+        tokenizer: PreTrainedTokenizerBase,
+        eos_ids: set[int],
+        *,
+        fast: bool | None = None,
+        max_rows: int | None = None,
+        max_context: int | None = None,
+        memory_fraction: float | None = None,
+        prefill_chunk: int = PREFILL_CHUNK,
+    ) -> None:
+        self.plan: PoolPlan = plan_pool(
+            models,
+            contexts,
+            max_rows=max_rows,
+            max_context=max_context,
+            memory_fraction=memory_fraction,
+        )
+        rows = self.plan.rows
+        self.runners: dict[str, Runner] = {
+            role: make_runner(model, vocab_size, rows, self.plan.contexts[role], fast)
+            for role, model in models.items()
+        }
+        self.device = self.runners["base"].device
+        self.table = SlotTable(rows, list(models), self.device)
+        self.tokenizer, self.eos_ids = tokenizer, eos_ids
+        self.prefill_chunk = prefill_chunk
+        self.slots: list[Sequence | None] = [None] * rows  # occupied slots are 0..used-1
+        self.waiting: deque[Sequence] = deque()
+        self.auto = AutoGamma()
+        self.graphed = all(r.graphable for r in self.runners.values())
+        self.graphs: dict[tuple[int, int, bool], Graph] = {}
+        self._pool = None
+        self._beside = torch.cuda.Stream(self.device) if self.graphed else None
+
+    @property
+    def rows(self) -> int:
+        return self.plan.rows
+
+    @property
+    def used(self) -> int:
+        """Occupied slots (they are the first ones)."""
+        return sum(s is not None for s in self.slots)
+
+    @property
+    def idle(self) -> bool:
+        return not self.waiting and self.used == 0
+
+    def budget(self, prompt_ids: dict[str, list[int]], max_new_tokens: int) -> int:
+        """The new tokens a request may have: ``max_new_tokens`` within every model's context.
+        A prompt that leaves no room is a ContextLengthError."""
+        room = min(self.plan.contexts[role] - len(ids) for role, ids in prompt_ids.items())
+        if room < 1:
+            role = min(prompt_ids, key=lambda r: self.plan.contexts[r] - len(prompt_ids[r]))
+            raise ContextLengthError(
+                f"the prompt is {len(prompt_ids[role])} tokens for the {role} model, whose "
+                f"context here holds {self.plan.contexts[role]}: shorten it (or raise "
+                "max_context)"
+            )
+        return min(max_new_tokens, room)
+
+    def add(self, request: Request) -> Sequence:
+        """Queue a request (its budget already within the context: see `budget`)."""
+        needs = request.rule.needs_proxy_base
+        roles = [r for r in self.runners if r != "proxy_base" or needs]
+        seq = Sequence(replace(request, prompt_ids={r: request.prompt_ids[r] for r in roles}))
+        self.waiting.append(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        """Stop a sequence now (its client went away); it keeps what it has."""
+        if seq.finished:
+            return
+        seq.finish_reason = seq.finish_reason or "cancelled"
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+            seq.status = "finished"
+        else:
+            self._release(seq)
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """One iteration (module doc); events are keyed by sequence id (``StepEvent.row``)."""
+        events = self._admit()
+        self._prefill()
+        running = [s for s in self.slots if s is not None and s.status == "running"]
+        if running:
+            events += self._decode(running)
+        return events
+
+    # --- admission and prefill ------------------------------------------------------------
+
+    def _admit(self) -> list[StepEvent]:
+        events = []
+        while self.waiting and self.used < self.rows:
+            seq = self.waiting.popleft()
+            if seq.request.max_new_tokens < 1:  # nothing to decode
+                seq.status, seq.finish_reason = "finished", "length"
+                events.append(seq.text_event([], self.eos_ids, self.tokenizer))
+                continue
+            slot = self.used
+            self.slots[slot], seq.slot, seq.status = seq, slot, "prefilling"
+            request = seq.request
+            for role in self.runners:
+                self.runners[role].clear(slot)
+                seq.cached[role] = 0
+            uses = request.rule.needs_proxy_base and "proxy_base" in self.runners
+            self.table.write(slot, rule_row(request.rule), request.warp.row(), request.seed, uses)
+        return events
+
+    def _prefill(self) -> None:
+        """Cache up to `prefill_chunk` prompt tokens per model, oldest sequence first; runs of
+        consecutive slots go through one forward."""
+        waiting = [s for s in self.slots if s is not None and s.status == "prefilling"]
+        for role, runner in self.runners.items():
+            chunks: dict[int, list[int]] = {}
+            left = self.prefill_chunk
+            for seq in waiting:
+                if role not in seq.request.prompt_ids or left <= 0:
+                    continue
+                chunk = seq.prefill_left(role)[:left]
+                if chunk:
+                    chunks[seq.slot] = chunk  # type: ignore[index]
+                    left -= len(chunk)
+            for start, run in _runs(sorted(chunks)):
+                width = max(len(chunks[s]) for s in run)
+                tokens = torch.zeros(len(run), width, dtype=torch.long)
+                counts = torch.zeros(len(run), dtype=torch.long)
+                for b, slot in enumerate(run):
+                    tokens[b, : len(chunks[slot])] = torch.tensor(chunks[slot])
+                    counts[b] = len(chunks[slot])
+                bound = max(self.slots[s].cached[role] for s in run) + width  # type: ignore[union-attr]
+                runner.forward(
+                    start,
+                    tokens.to(runner.device),
+                    width=bound,
+                    live=range(len(run)),
+                    heads=False,
+                )
+                runner.advance(start, counts.to(runner.device))
+                for slot in run:
+                    self.slots[slot].cached[role] += len(chunks[slot])  # type: ignore[union-attr]
+        for seq in waiting:
+            if all(not seq.prefill_left(role) for role in seq.request.prompt_ids):
+                seq.status = "running"
+                last = {role: ids[-1] for role, ids in seq.request.prompt_ids.items()}
+                self.table.start(seq.slot, last)  # type: ignore[arg-type]
+
+    # --- decoding -------------------------------------------------------------------------
+
+    def _gamma(self, running: list[Sequence]) -> int:
+        """The round's draft length (module doc)."""
+        wants = [s.request.speculative for s in running]
+        if any(w is None for w in wants):
+            return 0
+        fixed = [int(w) for w in wants if w != "auto"]
+        gamma = min(fixed) if fixed else self.auto.gamma_max
+        if len(fixed) < len(wants):
+            gamma = min(gamma, self.auto.choose())
+        return gamma
+
+    def _decode(self, running: list[Sequence]) -> list[StepEvent]:
+        gamma = self._gamma(running)
+        used = self.used
+        uses_qb = any(s.request.rule.needs_proxy_base for s in running)
+        runners = {r: x for r, x in self.runners.items() if r != "proxy_base" or uses_qb}
+        if self.graphed:
+            batch = bucket(used, self.rows)
+            packed = self._graph(batch, gamma, runners).replay()
+        else:
+            batch = used
+            rows = [s.slot for s in running]
+            live = {role: rows for role in runners}
+            if uses_qb:
+                live["proxy_base"] = [s.slot for s in running if s.request.rule.needs_proxy_base]
+            width = max(max(s.cached.values()) for s in running) + gamma + 1
+            packed = decode_round(
+                runners,
+                self.table,
+                batch,
+                gamma,
+                width=width,
+                live=live,
+                kinds=sorted({spec_of(s.request.rule).kind for s in running}),
+                cut=any(s.request.warp.cuts for s in running),
+            )
+        values = packed.tolist()  # the round's one host synchronisation
+        events = []
+        for seq in running:
+            row = values[seq.slot]  # type: ignore[index]
+            kept = int(row[-1]) + 1
+            for role in seq.cached:
+                seq.cached[role] += kept
+            events.append(seq.record(gamma, row, FIELDS, self.eos_ids, self.tokenizer))
+        self._update_auto(gamma, batch, [int(values[s.slot][-1]) for s in running])  # type: ignore[index]
+        for seq in running:
+            if seq.finish_reason is not None:
+                self._release(seq)
+        return events
+
+    def _update_auto(self, gamma: int, batch: int, accepted: list[int]) -> None:
+        """Feed auto γ the round's acceptance and the cost ratio of a proxy step to a verify."""
+        if gamma == 0:
+            return
+        judged = sum(min(k + 1, gamma) for k in accepted)
+        base, proxy = self.runners["base"], self.runners["proxy"]
+        if isinstance(base, StaticRunner) and isinstance(proxy, StaticRunner):
+            costs = proxy.step_seconds(batch, 1), base.step_seconds(batch, gamma + 1)
+        else:  # no cheap device timing: the weights' bytes
+            costs = _bytes(proxy), _bytes(base)
+        self.auto.update(sum(accepted) / judged, *costs)
+
+    def _graph(self, batch: int, gamma: int, runners: dict[str, Runner]) -> Graph:
+        """The captured round for this bucket, γ and set of models (captured on first use)."""
+        key = (batch, gamma, "proxy_base" in runners)
+        if key not in self.graphs:
+            uniforms = compiled_uniforms()
+            state = [r.lengths for r in runners.values()] + self.table.tensors()
+
+            def run() -> torch.Tensor:
+                return decode_round(
+                    runners, self.table, batch, gamma, beside=self._beside, uniforms=uniforms
+                )
+
+            def warmup() -> None:
+                with restored(state):
+                    run()
+
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()
+            self.graphs[key] = Graph(run, warmup, self.device, pool=self._pool)
+        return self.graphs[key]
+
+    # --- release --------------------------------------------------------------------------
+
+    def _release(self, seq: Sequence) -> None:
+        """Free a sequence's slot; the last occupied slot moves into it."""
+        seq.status = "finished"
+        slot, last = seq.slot, self.used - 1
+        seq.slot = None
+        if slot is None:
+            return
+        self.table.clear(slot)
+        if slot != last:
+            moved = self.slots[last]
+            assert moved is not None
+            for role, runner in self.runners.items():
+                runner.move(last, slot, moved.cached.get(role, 0))
+            self.table.move(last, slot)
+            self.slots[slot], moved.slot = moved, slot
+        else:
+            for runner in self.runners.values():
+                runner.clear(slot)
+        self.slots[last] = None
+
+
+def _runs(slots: Seq[int]) -> list[tuple[int, list[int]]]:
+    """Sorted slots grouped in runs of consecutive ones: [(first slot, the run), ...]."""
+    runs: list[tuple[int, list[int]]] = []
+    for slot in slots:
+        if runs and runs[-1][1][-1] == slot - 1:
+            runs[-1][1].append(slot)
+        else:
+            runs.append((slot, [slot]))
+    return runs
+
+
+def _bytes(runner: Runner) -> float:
+    model = runner.model  # type: ignore[attr-defined]
+    return float(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+class Session:
+    """Some sequences of a runtime, stepped together: what `Aligner.start` returns.
+
+    `step()` runs one runtime iteration (which also advances any other sequences in the
+    runtime) and returns the new output of this session's rows, ``row`` being the index of the
+    prompt; `cancel(row)` stops a row, `results()` gives one Generation per prompt."""
+
+    def __init__(self, runtime: Runtime, sequences: list[Sequence]) -> None:
+        self.runtime = runtime
+        self.sequences = sequences
+        self._row = {seq.id: i for i, seq in enumerate(sequences)}
+
+    @property
+    def done(self) -> bool:
+        return all(seq.finished for seq in self.sequences)
+
+    @property
+    def tokens(self) -> int:
+        """Tokens generated so far by this session's rows."""
+        return sum(len(seq.token_ids) for seq in self.sequences)
+
+    def step(self) -> list[StepEvent]:
+        if self.done:
+            return []
+        events = self.runtime.step()
+        return [
+            StepEvent(self._row[e.row], e.token_ids, e.text, e.finished, e.finish_reason)
+            for e in events
+            if e.row in self._row
+        ]
+
+    def cancel(self, row: int) -> None:
+        self.runtime.cancel(self.sequences[row])
+
+    def results(self) -> list:
+        return [seq.generation() for seq in self.sequences]
