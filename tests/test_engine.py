@@ -10,7 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kad
-from kad.engine import ModelRunner
+from kad.sampling import row_seed
+from kad.fast.runner import StaticRunner
+from kad.runtime.runner import TransformersRunner
 
 PROMPTS = ["Tom has 3 apples", "Hello", "The quick brown fox jumps over the lazy dog. 12 + 34 ="]
 RULES = [
@@ -77,35 +79,56 @@ def test_a_batch_equals_its_rows_one_by_one(tiny_aligner, rule):
         assert together.text == alone.text
 
 
-def test_cached_logits_match_a_full_recompute(tiny_aligner):
-    """Invariant 6, also after a rollback has left masked holes in the cache."""
+@pytest.mark.parametrize("runner_type", [StaticRunner, TransformersRunner])
+def test_cached_logits_match_a_full_recompute(tiny_aligner, runner_type):
+    """Invariant 6: a slot's logits after chunked prefill, a rollback of rejected tokens and a
+    further step equal a full forward; a slot is independent of the others."""
     for role, member in tiny_aligner.members.items():
+        if runner_type is StaticRunner and kad.fast.unsupported_reason(member.model):
+            continue
         rows = tiny_aligner.encode_prompts(PROMPTS[:2])["proxy" if role != "base" else "base"]
-        runner = ModelRunner(member.model, tiny_aligner.vocab_size)
+        runner = runner_type(member.model, tiny_aligner.vocab_size, 3, 64)
         with torch.inference_mode():
-            last = runner.prefill(rows)
-            steps = torch.tensor([[5, 9, 17], [40, 41, 42]])
-            first = runner.forward(torch.cat([last.unsqueeze(-1), steps], dim=-1))  # [B, 4, V]
-            runner.rollback(torch.tensor([2, 4]), 4)  # row 0 keeps last, 5; row 1 keeps all
-            after = runner.forward(torch.tensor([[7], [8]]))[:, 0]  # [B, V]
-            for b, row in enumerate(rows):
-                kept = [*row, *steps[b].tolist()][: len(row) + (1 if b == 0 else 3)]
-                full = member.model(torch.tensor([[*kept, 7 if b == 0 else 8]])).logits[0]
+            for slot, row in ((1, rows[0]), (2, rows[1])):  # slot 0 stays empty
+                head, tail = row[:-1][:3], row[:-1][3:]
+                for chunk in (head, tail):
+                    if chunk:
+                        runner.forward(slot, torch.tensor([chunk]), heads=False)
+                        runner.advance(slot, torch.tensor([len(chunk)]))
+            steps = torch.tensor([[0, 0, 0, 0], [rows[0][-1], 5, 9, 17], [rows[1][-1], 40, 41, 42]])
+            first = runner.forward(0, steps, live=[1, 2])  # [3, 4, V]
+            runner.advance(0, torch.tensor([0, 2, 4]))  # slot 1 keeps last, 5; slot 2 all
+            after = runner.forward(0, torch.tensor([[0], [7], [8]]), live=[1, 2])[:, 0]  # [3, V]
+            for b, row in ((1, rows[0]), (2, rows[1])):
+                kept = [*row, *steps[b, 1:].tolist()][: len(row) + (1 if b == 1 else 3)]
+                full = member.model(torch.tensor([[*kept, 7 if b == 1 else 8]])).logits[0]
                 ref = torch.log_softmax(full[:, : tiny_aligner.vocab_size].float(), dim=-1)
                 n_ctx = len(row) - 1
                 torch.testing.assert_close(first[b, :2], ref[n_ctx : n_ctx + 2], atol=1e-4, rtol=0)
                 torch.testing.assert_close(after[b], ref[-1], atol=1e-4, rtol=0)
 
 
-def test_sampling_is_seeded_and_independent_of_the_batch(tiny_aligner):
-    kw = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95, "seed": 7}
-    batch = tiny_aligner.generate(PROMPTS, **kw)
-    again = tiny_aligner.generate(PROMPTS, **kw)
+def test_one_seed_gives_each_row_its_own_stream(tiny_aligner):
+    """Invariant 8: row i of a batch seeded with s draws from row_seed(s, i); row 0 equals the
+    prompt alone with seed s; equal prompts in one batch draw different samples."""
+    kw = {"max_new_tokens": 12, "temperature": 1.0, "top_p": 0.95}
+    batch = tiny_aligner.generate(PROMPTS, seed=7, **kw)
+    again = tiny_aligner.generate(PROMPTS, seed=7, **kw)
     assert [g.token_ids for g in batch] == [g.token_ids for g in again]
-    alone = tiny_aligner.generate(PROMPTS[1], **kw)[0]
-    assert alone.token_ids == batch[1].token_ids
-    other = tiny_aligner.generate(PROMPTS, **{**kw, "seed": 8})
+    assert tiny_aligner.generate(PROMPTS[0], seed=7, **kw)[0].token_ids == batch[0].token_ids
+    for i in (1, 2):
+        alone = tiny_aligner.generate(PROMPTS[i], seed=row_seed(7, i), **kw)[0]
+        assert alone.token_ids == batch[i].token_ids
+    same = tiny_aligner.generate([PROMPTS[0]] * 8, seed=0, max_new_tokens=12, temperature=1.0)
+    assert len({tuple(g.token_ids) for g in same}) > 1
+    other = tiny_aligner.generate(PROMPTS, seed=8, **kw)
     assert [g.token_ids for g in other] != [g.token_ids for g in batch]
+
+
+@pytest.mark.parametrize("seed", [-1, 1.5, True, 2**64, "3"])
+def test_bad_seeds_are_refused(tiny_aligner, seed):
+    with pytest.raises(kad.KadError, match="seed must be an integer"):
+        tiny_aligner.generate(PROMPTS[0], seed=seed, max_new_tokens=2)
 
 
 def test_top_k_one_is_greedy(tiny_aligner):
@@ -244,5 +267,10 @@ def test_per_row_token_budgets(tiny_aligner):
 
 
 def test_the_proxy_base_runs_only_for_rules_that_need_it(tiny_aligner):
-    assert "proxy_base" not in tiny_aligner.start(PROMPTS[0], rule=kad.Dual()).runners
-    assert "proxy_base" in tiny_aligner.start(PROMPTS[0], rule=kad.ImplicitReward()).runners
+    plain = tiny_aligner.start(PROMPTS[0], rule=kad.Dual(), max_new_tokens=2)
+    reward = tiny_aligner.start(PROMPTS[0], rule=kad.ImplicitReward(), max_new_tokens=2)
+    assert "proxy_base" not in plain.sequences[0].request.prompt_ids
+    assert "proxy_base" in reward.sequences[0].request.prompt_ids
+    while not (plain.done and reward.done):
+        plain.step()
+        reward.step()

@@ -203,14 +203,14 @@ def test_rules_work_on_batched_positions():
 @pytest.mark.parametrize(
     ("build", "message"),
     [
-        (lambda: kad.Dual(lam=-0.1), "lam must be >= 0"),
+        (lambda: kad.Dual(lam=-0.1), r"lam must be in \[0, ∞\]"),
         (lambda: kad.Dual(lam=float("nan")), "finite"),
         (lambda: kad.Dual(lam=0.3, loss="squared"), "takes mu="),
         (lambda: kad.Dual(loss="margin"), "needs mu="),
         (lambda: kad.Dual(mu=0.1, loss="hinge"), "unknown loss"),
         (lambda: kad.Primal(budget=1.5), r"budget must be in \[0, 1\]"),
         (lambda: kad.Primal(budget=-0.1), r"budget must be in \[0, 1\]"),
-        (lambda: kad.Nudging(lam=-1), "lam must be >= 0"),
+        (lambda: kad.Nudging(lam=-1), r"lam must be in \[0, ∞\]"),
         (lambda: kad.make_rule("greedy"), "unknown rule 'greedy'"),
         (lambda: kad.ImplicitReward().target(torch.ones(2) / 2, torch.ones(2) / 2), "proxy_base"),
     ],

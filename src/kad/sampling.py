@@ -75,6 +75,7 @@ def warp_rows(probs: torch.Tensor, table: torch.Tensor, cut: bool = True) -> tor
     greedy = temperature == 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
     warped = torch.softmax(torch.log(probs) / scale, dim=-1)
+    warped = torch.where(scale == 1, probs, warped)  # softmax(log π) is π: keep it exact
     if cut:
         ordered, order = torch.sort(warped, dim=-1, descending=True, stable=True)
         rank = torch.arange(probs.shape[-1], device=probs.device)
