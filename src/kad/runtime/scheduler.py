@@ -242,7 +242,8 @@ class Runtime:
             live = {role: rows for role in runners}
             if uses_qb:
                 live["proxy_base"] = [s.slot for s in running if s.request.rule.needs_proxy_base]
-            width = max(max(s.cached.values()) for s in running) + gamma + 1
+            occupied = [s for s in self.slots if s is not None]  # prefilling rows too: their
+            width = max(max(s.cached.values()) for s in occupied) + gamma + 1  # columns stay
             packed = decode_round(
                 runners,
                 self.table,

@@ -1,0 +1,173 @@
+"""The continuous-batching runtime (SPEC invariant 8): a row computes the same thing alone, in a
+full batch, or joining a running batch mid-flight beside rows with other rules and parameters;
+slots are reused cleanly; prefill is chunked; the pool is never over-committed."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import kad
+from kad.runtime.runner import TransformersRunner
+from tests.test_engine import PROMPTS, RULES
+
+MIXED = [
+    (kad.Dual(lam=0.3), {}),
+    (kad.Primal(budget=0.7), {"temperature": 0.9, "top_p": 0.8}),
+    (kad.ProxyReferenced(delta=0.2), {}),
+    (kad.Nudging(lam=0.5), {"temperature": 1.2}),
+    (kad.ImplicitReward(beta=0.5), {"temperature": 0.7, "top_k": 5}),
+    (kad.Primal(budget=0.5, fractional=True), {}),
+    (kad.Dual(mu=0.3, loss="margin"), {"temperature": 1.0}),
+]
+
+
+def run_sessions(aligner, plan):
+    """Start sessions at the given steps and step until all are done: ``plan`` is a list of
+    (step to start at, start kwargs). Returns each session's token ids."""
+    sessions, started, step = [None] * len(plan), 0, 0
+    while started < len(plan) or not all(s.done for s in sessions):
+        for i, (at, kwargs) in enumerate(plan):
+            if sessions[i] is None and at <= step:
+                sessions[i] = aligner.start(**kwargs)
+                started += 1
+        live = [s for s in sessions if s is not None and not s.done]
+        if live:
+            live[0].step()  # one runtime iteration steps every session
+        step += 1
+    return [[g.token_ids for g in s.results()] for s in sessions]
+
+
+@pytest.mark.parametrize("rule", RULES, ids=lambda r: r.name)
+def test_a_row_is_the_same_alone_batched_and_joining_mid_flight(tiny_aligner, rule):
+    """For every rule, plain and γ = 1..8: greedy tokens alone = in a full batch = joining a
+    running batch whose other rows (with budgets of their own) finish and leave meanwhile."""
+    alone = [tiny_aligner.generate(p, rule=rule, max_new_tokens=10)[0].token_ids for p in PROMPTS]
+    for gamma in (None, *range(1, 9)):
+        full = tiny_aligner.generate(PROMPTS, rule=rule, max_new_tokens=10, speculative=gamma)
+        assert [g.token_ids for g in full] == alone, f"full batch, γ={gamma}"
+        runners = [
+            (0, {"prompts": PROMPTS, "rule": kad.Dual(lam=0.2), "max_new_tokens": [2, 5, 9]}),
+            (3, {"prompts": PROMPTS[1], "rule": rule, "max_new_tokens": 10}),
+            (4, {"prompts": PROMPTS[2::-2], "rule": rule, "max_new_tokens": 10}),
+        ]
+        for _, kwargs in runners:
+            kwargs["speculative"] = gamma
+        _, joined, late = run_sessions(tiny_aligner, runners)
+        assert joined == [alone[1]], f"joined mid-flight, γ={gamma}"
+        assert late == [alone[2], alone[0]], f"joined later, γ={gamma}"
+
+
+def test_rows_with_different_rules_and_sampling_share_a_batch(tiny_aligner):
+    """Each row of a batch with different λ, b, rules, losses, temperature, top-p and top-k
+    (greedy and seeded sampled rows together) equals its own run alone."""
+    prompts = [PROMPTS[i % 3] for i in range(len(MIXED))]
+    seeds = list(range(100, 100 + len(MIXED)))
+    rules = [rule for rule, _ in MIXED]
+    warp = {
+        key: [w.get(key, default) for _, w in MIXED]
+        for key, default in (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0))
+    }
+    together = tiny_aligner.generate(prompts, rule=rules, seed=seeds, max_new_tokens=12, **warp)
+    for i, (rule, w) in enumerate(MIXED):
+        alone = tiny_aligner.generate(
+            prompts[i], rule=rule, seed=[seeds[i]], max_new_tokens=12, **w
+        )
+        assert together[i].token_ids == alone[0].token_ids, rule
+
+
+def test_a_seeded_sampled_row_ignores_its_batch_and_when_it_joins(tiny_aligner):
+    kw = {"rule": kad.Dual(lam=0.4), "temperature": 1.0, "top_p": 0.9, "max_new_tokens": 12}
+    alone = tiny_aligner.generate(PROMPTS[2], seed=[5], **kw)[0].token_ids
+    busy = {"prompts": PROMPTS * 2, "max_new_tokens": [3, 8, 1, 12, 4, 6], "temperature": 0.8}
+    for at in (0, 2, 5):
+        _, joined = run_sessions(
+            tiny_aligner, [(0, busy), (at, {"prompts": PROMPTS[2], "seed": [5], **kw})]
+        )
+        assert joined == [alone], f"joined at step {at}"
+
+
+def test_a_reused_slot_leaks_nothing(tiny_dirs):
+    """A slot freed by one request and taken by another gives the tokens of a fresh pool."""
+    fresh = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy, max_rows=1)
+    want = fresh.generate(PROMPTS[0], max_new_tokens=10, speculative=3)[0].token_ids
+    used = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy, max_rows=1)
+    used.generate(PROMPTS[2], max_new_tokens=30, temperature=1.0, seed=1)  # a longer occupant
+    assert used.generate(PROMPTS[0], max_new_tokens=10, speculative=3)[0].token_ids == want
+    assert used.runtime.rows == 1
+
+
+def test_more_prompts_than_slots_stream_through(tiny_dirs):
+    aligner = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy, max_rows=2)
+    prompts = [PROMPTS[i % 3] for i in range(7)]
+    got = aligner.generate(prompts, max_new_tokens=[3, 9, 1, 6, 2, 8, 4])
+    for prompt, budget, gen in zip(prompts, [3, 9, 1, 6, 2, 8, 4], got, strict=True):
+        assert gen.token_ids == aligner.generate(prompt, max_new_tokens=budget)[0].token_ids
+
+
+def test_chunked_prefill_keeps_the_running_rows_going(tiny_dirs):
+    """A long prompt is cached a chunk per iteration, while the running rows decode a round in
+    each; its tokens equal a one-shot prefill's."""
+    long_prompt = " ".join([PROMPTS[2]] * 4)
+    whole = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy)
+    want = whole.generate(long_prompt, max_new_tokens=6)[0].token_ids
+    chunked = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy)
+    chunked.prefill_chunk = 8
+    running = chunked.start(PROMPTS[0], max_new_tokens=40)
+    running.step()
+    late = chunked.start(long_prompt, max_new_tokens=6)
+    length = len(late.sequences[0].request.prompt_ids["base"])
+    before = running.tokens
+    running.step()  # one chunk of the long prompt, and one round for the running row
+    assert late.sequences[0].status == "prefilling" and length > 8
+    assert running.tokens == before + 1
+    while not late.done:
+        late.step()
+    assert late.results()[0].token_ids == want
+
+
+def test_transformers_runner_gives_the_same_tokens(tiny_dirs):
+    """fast=False: every model behind transformers' own forward and cache, slot by slot."""
+    static = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy)
+    hf = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy, fast=False)
+    assert all(isinstance(r, TransformersRunner) for r in hf.runtime.runners.values())
+    for gamma in (None, 3):
+        a = static.generate(PROMPTS, max_new_tokens=12, speculative=gamma)
+        b = hf.generate(PROMPTS, max_new_tokens=12, speculative=gamma)
+        assert [g.token_ids for g in a] == [g.token_ids for g in b]
+
+
+def test_a_prompt_over_the_pool_context_is_a_clear_error(tiny_dirs):
+    aligner = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy, max_context=16)
+    with pytest.raises(kad.ContextLengthError, match="raise max_context"):
+        aligner.generate(" ".join([PROMPTS[2]] * 3), max_new_tokens=4)
+    out = aligner.generate(PROMPTS[1], max_new_tokens=100)[0]  # clamped to the context
+    assert out.finish_reason == "length" and len(out.token_ids) < 16
+    assert aligner.runtime.idle  # nothing left behind
+
+
+def test_pool_sizes_are_validated_and_reported(tiny_dirs):
+    for bad in ({"max_rows": 0}, {"max_rows": 1.5}, {"max_context": 1}, {"memory_fraction": 2.0}):
+        aligner = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy, **bad)
+        with pytest.raises(kad.KadError, match=next(iter(bad))):
+            aligner.generate(PROMPTS[0], max_new_tokens=2)
+    aligner = kad.Aligner.from_pretrained(
+        tiny_dirs.base, tiny_dirs.proxy, max_rows=3, max_context=32
+    )
+    plan = aligner.runtime.plan
+    assert plan.rows == 3 and set(plan.contexts.values()) == {32}
+    assert aligner.runtime.runners["base"].k[0].shape[:3] == (3, 2, 32) or plan.bytes > 0
+
+
+def test_cancel_frees_the_slot_at_once(tiny_aligner):
+    session = tiny_aligner.start(PROMPTS, max_new_tokens=50)
+    session.step()
+    session.cancel(1)
+    runtime = tiny_aligner.runtime
+    assert all(s is not session.sequences[1] for s in runtime.slots)
+    while not session.done:
+        session.step()
+    results = session.results()
+    assert results[1].finish_reason == "cancelled"
+    assert results[0].token_ids == tiny_aligner.generate(PROMPTS[0], max_new_tokens=50)[0].token_ids
+    assert torch.all(runtime.table.active == False)  # noqa: E712
