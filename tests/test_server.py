@@ -40,6 +40,10 @@ class RecordingAligner:
     def encode_prompts(self, prompts: Any) -> dict[str, list[list[int]]]:
         return self.aligner.encode_prompts(prompts)
 
+    @property
+    def runtime(self) -> Any:
+        return self.aligner.runtime
+
     def start(self, prompts: Any, **kwargs: Any) -> Any:
         session = self.aligner.start(prompts, **kwargs)
         self.sessions.append(session)
@@ -252,8 +256,6 @@ def test_64_concurrent_greedy_clients_equal_requests_run_alone(
     load = served.scheduler.load()
     assert 1 < load["peak_rows"] <= 16  # they were batched, within --max-batch
     assert load["running_rows"] == 0 and load["waiting_requests"] == 0
-    budgets = [{s.max_new_tokens for s in x.states} for x in served.aligner.sessions[before:]]
-    assert {6, 8} in budgets  # requests with different max_tokens shared a batch
 
 
 def test_disconnect_mid_stream_frees_the_slot(served: SimpleNamespace) -> None:

@@ -32,7 +32,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from kad.errors import ContextLengthError, KadError, PromptError
 from kad.outputs import jsonable
 from kad.rules import LOSSES, RULE_NAMES, RULE_PARAMS, Rule, make_rule, rule_key, rule_params
-from kad.scheduler import DecodeParams, Job, JobDone, JobFailed, RowDelta, Scheduler
+from kad.serve.worker import DecodeParams, Job, JobDone, JobFailed, RowDelta
+from kad.serve.worker import Worker as Scheduler
 from kad.speculative import parse_speculative
 
 RuleName = Literal[
@@ -367,7 +368,7 @@ def create_app(
     from kad.rules import Dual
 
     default_rule = Dual() if rule is None else rule
-    scheduler = Scheduler(aligner, max_batch=max_batch)
+    scheduler = Scheduler(aligner, max_rows=max_batch)
     created = int(time.time())
 
     @asynccontextmanager

@@ -1,9 +1,11 @@
 """`kad eval`: run one task under one rule, one JSONL line per example, then a summary.
 
 A results folder holds one method (model family + rule + decoding settings, in ``run.json``)
-and any number of tasks: ``<task>.jsonl`` (a line per example, appended as batches finish) and
-``<task>.summary.json``. A rerun skips the examples already in the JSONL, so an interrupted run
-loses at most one batch; a folder written with other settings is refused.
+and any number of tasks: ``<task>.jsonl`` (a line per example, appended as each finishes) and
+``<task>.summary.json``. Generation tasks stream every example through the aligner's runtime
+(continuous batching: an example's slot goes to the next one the round it finishes); likelihood
+tasks are scored in batches. A rerun skips the examples already in the JSONL, so an interrupted
+run loses only the examples in flight; a folder written with other settings is refused.
 """
 
 from __future__ import annotations
@@ -132,33 +134,53 @@ def summarize(records: Sequence[dict[str, Any]], run: dict[str, Any], task: str)
     }
 
 
-def _generate_records(
-    aligner: Any, task: Task, batch: Sequence[tuple[str, Example]], rule: Rule, decoding: dict
-) -> list[dict[str, Any]]:
-    started = time.perf_counter()
-    prompts = [task.prompt(example) for _, example in batch]
-    outputs = aligner.generate(prompts, rule=rule, stop=list(task.stop), **decoding)
-    seconds = (time.perf_counter() - started) / len(batch)
-    prompt_ids = aligner.encode_prompts(prompts)  # what each model read
-    records = []
-    for i, ((example_id, example), out) in enumerate(zip(batch, outputs, strict=True)):
-        correct = task.score(out.text, example)
-        records.append(
-            {
-                "id": example_id,
-                "prompt_ids": {role: rows[i] for role, rows in prompt_ids.items()},
-                "output": out.text,
-                "output_ids": out.token_ids,
-                "finish_reason": out.finish_reason,
-                "extracted": task.extract(out.text, example),
-                "gold": task.gold(example),
-                "correct": correct,
-                "score": float(correct),
-                "stats": out.stats.to_dict(),
-                "seconds": seconds,
-            }
-        )
-    return records
+def _generation_record(
+    task: Task,
+    example_id: str,
+    example: Example,
+    prompt_ids: dict[str, list[int]],
+    out: Any,
+    seconds: float,
+) -> dict[str, Any]:
+    correct = task.score(out.text, example)
+    return {
+        "id": example_id,
+        "prompt_ids": prompt_ids,
+        "output": out.text,
+        "output_ids": out.token_ids,
+        "finish_reason": out.finish_reason,
+        "extracted": task.extract(out.text, example),
+        "gold": task.gold(example),
+        "correct": correct,
+        "score": float(correct),
+        "stats": out.stats.to_dict(),
+        "seconds": seconds,
+    }
+
+
+def _stream_generations(
+    aligner: Any, task: Task, todo: Sequence[tuple[str, Example]], rule: Rule, decoding: dict
+) -> Iterator[dict[str, Any]]:
+    """Decode every example through one session of the runtime; yield each example's record
+    as soon as it finishes. ``seconds`` is the wall time since the previous record, so the
+    records' seconds add up to the run's."""
+    prompts = [task.prompt(example) for _, example in todo]
+    prompt_ids = aligner.encode_prompts(prompts)  # tokenized once: what each model reads
+    session = aligner.start(
+        prompts, rule=rule, stop=list(task.stop), prompt_ids=prompt_ids, **decoding
+    )
+    last = time.perf_counter()
+    while not session.done:
+        for event in session.step():
+            if not event.finished:
+                continue
+            now = time.perf_counter()
+            i = event.row
+            example_id, example = todo[i]
+            out = session.sequences[i].generation()
+            ids = {role: rows[i] for role, rows in prompt_ids.items()}
+            yield _generation_record(task, example_id, example, ids, out, now - last)
+            last = now
 
 
 def _likelihood_records(
@@ -227,7 +249,8 @@ def run_eval(
     writes the summary over the first ``limit`` examples.
 
     ``run`` describes the method (models, rule, params, decoding: see ``IDENTITY_KEYS``);
-    ``decoding`` holds the keyword arguments for ``Aligner.generate``.
+    ``decoding`` holds the keyword arguments for ``Aligner.start``; ``batch_size``: prompts
+    scored together by likelihood tasks (generation tasks stream through the runtime).
     """
     if batch_size < 1:
         raise KadError(f"batch size must be >= 1, got {batch_size}")
@@ -253,11 +276,14 @@ def run_eval(
         handle = bar.add_task(
             task.name, total=len(examples), completed=len(kept), accuracy=shown(kept)
         )
-        for batch in _batches(todo, batch_size):
-            if task.kind == "likelihood":
-                records = _likelihood_records(aligner, task, batch, rule)
-            else:
-                records = _generate_records(aligner, task, batch, rule, decoding or {})
+        if task.kind == "likelihood":
+            groups: Iterator[Sequence[dict[str, Any]]] = (
+                _likelihood_records(aligner, task, batch, rule)
+                for batch in _batches(todo, batch_size)
+            )
+        else:
+            groups = ([r] for r in _stream_generations(aligner, task, todo, rule, decoding or {}))
+        for records in groups:
             rows = [jsonable(r) for r in records]
             for row in rows:
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
