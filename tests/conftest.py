@@ -41,6 +41,11 @@ CORPUS = [
 ] * 4
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("KAD_DATA_DIR") or REPO_ROOT.parent / "shared" / "datasets")
+needs_data = pytest.mark.skipif(
+    not DATA_DIR.is_dir(),
+    reason=f"datasets not found at {DATA_DIR}: set KAD_DATA_DIR=path/to/datasets",
+)  # the test splits of the benchmarks, laid out like the project's shared/datasets
 
 
 def build_tokenizer(with_chat_template: bool = True) -> PreTrainedTokenizerFast:

@@ -137,8 +137,51 @@ def test_cli_generate_prints_text_json_and_deferral(tiny_dirs, tiny_aligner):
     result = run_cli(*common, "--show-deferral", "Hello")
     assert result.exit_code == 0 and "deferred to the proxy" in result.output
     result = run_cli(*common, "--json", "--speculative", "3", "Hello")
-    stats = json.loads(result.stdout)["stats"]
+    stats = json.loads(result.stdout)[0]["stats"]
     assert result.exit_code == 0 and stats["acceptance"] is not None and stats["rounds"] >= 1
     result = run_cli(*common, "--json", "--fast", "Hello", "Tom has")  # static caches, eager
     assert result.exit_code == 0, result.output
     assert [r["token_ids"] for r in json.loads(result.stdout)] == [g.token_ids for g in want]
+
+
+def test_json_is_a_list_for_one_prompt_too(tiny_dirs):
+    result = run_cli(
+        "generate", "--base", tiny_dirs.base, "--proxy", tiny_dirs.proxy, "--max-new-tokens", "4",
+        "--json", "Hello",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.stdout)
+    assert isinstance(rows, list) and len(rows) == 1 and rows[0]["prompt"] == "Hello"
+
+
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "abc \ud800 def",
+        [{"role": "user", "content": "abc \udcff def"}],
+        kad.Raw("abc \ud800 def"),
+        kad.Prompt(base="fine", proxy="abc \udfff def"),
+        kad.Prompt(base=kad.Raw("abc \ud800 def")),
+    ],
+)
+def test_unpaired_surrogates_are_a_prompt_error(tiny_aligner, prompt):
+    with pytest.raises(kad.PromptError, match=r"unpaired surrogate .* at character 4"):
+        tiny_aligner.generate([prompt], max_new_tokens=2)
+
+
+def test_cli_rejects_arguments_that_are_not_utf8(tiny_dirs):
+    not_utf8 = b"abc \xff\xfe def".decode("utf-8", "surrogateescape")  # as Python reads argv
+    result = run_cli("generate", "--base", tiny_dirs.base, "--proxy", tiny_dirs.proxy, not_utf8)
+    assert result.exit_code == 2
+    assert "unpaired surrogate (U+DCFF) at character 4" in " ".join(result.output.split())
+
+
+def test_cli_generate_defaults_to_the_builtin_pair():
+    result = run_cli("generate", "--max-new-tokens", "4", "--json", "What is 2 + 3?")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.stdout)[0]["token_ids"]) <= 4
+
+
+def test_cli_rejects_half_a_pair(tiny_dirs):
+    result = run_cli("generate", "--base", tiny_dirs.base, "hi")
+    assert result.exit_code == 2 and "give both --base and --proxy" in result.output

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,6 +17,7 @@ from kad.eval.extract import (
     numbers_equal,
     parse_number,
 )
+from tests.conftest import DATA_DIR, needs_data
 
 
 @pytest.mark.parametrize(
@@ -149,3 +152,61 @@ def test_extract_choice_hard_cases(text: str, expected: str | None) -> None:
 def test_extract_choice_numeric_labels() -> None:
     assert extract_choice("So the answer is (3).", ["1", "2", "3", "4"]) == "3"
     assert extract_choice("So the answer is (E).", ["1", "2", "3", "4"]) is None
+
+
+PHRASINGS = (
+    "The correct option is {label}.",
+    "Option {label}",
+    "{label}) {text}",
+    "({label})",
+    "the answer is ({label})",
+    "So the answer is {label}.",
+    "Answer: {label}",
+    "**{label}**",
+    "The answer is **{label}**: {text}.",
+    "I choose {label}.",
+    "{label}. {text}",
+    "I considered {other} and {another}, but the answer is {label}.",
+    "Option {other} is wrong. The best choice is option {label}, {text}.",
+)
+
+
+@pytest.mark.parametrize("task", ["arc_challenge", "csqa"])
+@needs_data
+def test_every_gold_answer_extracts_from_common_phrasings(task: str) -> None:
+    path = DATA_DIR / task / "test.jsonl"
+    examples = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert len(examples) > 1000
+    misses = []
+    for example in examples:
+        labels, texts = example["choices"]["label"], example["choices"]["text"]
+        gold = example["answerKey"]
+        others = [label for label in labels if label != gold]
+        values = {
+            "label": gold,
+            "text": texts[labels.index(gold)],
+            "other": others[0],
+            "another": others[-1],
+        }
+        for phrasing in PHRASINGS:
+            output = phrasing.format(**values)
+            if extract_choice(output, labels, texts) != gold:
+                misses.append(output)
+    assert not misses, f"{len(misses)} misses, e.g. {misses[:5]}"
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("C++ is a language", None),
+        ("I considered A and B, but the answer is D", "D"),
+        ("A good answer needs care. The answer is B.", "B"),
+        ("Option A is wrong; option C is right.", "C"),
+        ("The answer is C. Option A is wrong because banks are closed.", "C"),
+        ("I think the answer is E, a new york store.", "E"),
+        ("Answer choices are hard. I'd pick B.", "B"),
+        ("**B. library**", "B"),
+    ],
+)
+def test_extract_choice_negative_and_mixed_cases(text: str, expected: str | None) -> None:
+    assert extract_choice(text, list("ABCDE"), CSQA_TEXTS) == expected

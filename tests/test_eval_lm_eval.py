@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,9 +13,8 @@ pytest.importorskip("lm_eval")
 
 import kad
 from kad.eval.lm_eval_model import KadLM
+from tests.conftest import DATA_DIR, REPO_ROOT, needs_data
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("KAD_DATA_DIR") or REPO_ROOT.parent / "shared" / "datasets")
 TASKS_DIR = REPO_ROOT / "tests" / "data" / "lm_eval"
 
 
@@ -81,6 +79,7 @@ def _short_rows(path: Path, text_of, count: int) -> list[dict]:
     return sorted(rows, key=lambda row: len(text_of(row)))[:count]
 
 
+@needs_data
 def test_lm_eval_runs_local_tasks(
     tiny_dirs: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -89,8 +88,6 @@ def test_lm_eval_runs_local_tasks(
     from lm_eval import simple_evaluate
     from lm_eval.tasks import TaskManager
 
-    if not DATA_DIR.is_dir():
-        pytest.skip(f"no datasets at {DATA_DIR}")
     svamp = _short_rows(DATA_DIR / "svamp" / "SVAMP.json", lambda r: r["Body"] + r["Question"], 3)
     arc = _short_rows(
         DATA_DIR / "arc_challenge" / "test.jsonl",

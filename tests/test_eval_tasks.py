@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-import os
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -15,10 +14,7 @@ from kad.errors import KadError
 from kad.eval import get_task
 from kad.eval.extract import normalize_latex
 from kad.eval.tasks import TASKS, answer_targets
-
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DATA_DIR = Path(os.environ.get("KAD_DATA_DIR") or REPO_ROOT.parent / "shared" / "datasets")
-needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"no datasets at {DATA_DIR}")
+from tests.conftest import DATA_DIR, needs_data
 
 SIZES = {
     "gsm8k": 1319,

@@ -1,39 +1,60 @@
 """The `kad` command line: generate, demo, and the commands of the eval, bench and serve modules.
 
-Bad input (a `KadError`) prints its message and exits with code 2.
+Bad input (a `KadError`) prints its message and exits with code 2. Torch and transformers load
+only when a command runs: `kad --help`, `kad <command> --help` of the light commands and argument
+errors answer at once. Commands whose module is heavy (`LAZY_COMMANDS`) import it only when they
+run or show their own help.
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
-from enum import Enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from functools import wraps
 from typing import Annotated, Any
 
+import click
 import typer
 from rich.console import Console
+from typer.core import TyperCommand, TyperGroup, TyperOption
 
-from kad.display import DEFERRAL_LEGEND, deferral_text
 from kad.errors import KadError
-
-app = typer.Typer(
-    add_completion=False,
-    no_args_is_help=True,
-    help="KAD: steer a large base LM with a small aligned proxy, token by token.",
+from kad.eval.commands import (
+    LM_EVAL_CONTEXT,
+    eval_command,
+    lm_eval_command,
+    report_command,
+    sweep_command,
 )
+from kad.options import (
+    Base,
+    Beta,
+    Budget,
+    Device,
+    Dtype,
+    Fast,
+    Lam,
+    Loss,
+    MaxContext,
+    MaxNewTokens,
+    MaxRows,
+    MemoryFraction,
+    Mu,
+    Proxy,
+    ProxyBase,
+    RuleOpt,
+    Seed,
+    Speculative,
+    Temperature,
+    TopP,
+    load_aligner,
+)
+
 err_console = Console(stderr=True)
-
-
-class RuleName(str, Enum):
-    dual = "dual"
-    primal = "primal"
-    nudging = "nudging"
-    implicit_reward = "implicit-reward"
-    base = "base"
-    proxy = "proxy"
 
 
 def exits_on_bad_input(command: Callable) -> Callable:
@@ -50,51 +71,91 @@ def exits_on_bad_input(command: Callable) -> Callable:
     return run
 
 
-# Options shared by every command that loads a model family.
-Base = Annotated[str, typer.Option("--base", help="Base model: local dir, .gguf file or Hub id.")]
-Proxy = Annotated[str, typer.Option("--proxy", help="Aligned proxy: local dir, .gguf or Hub id.")]
-ProxyBase = Annotated[
-    str | None, typer.Option("--proxy-base", help="The proxy's unaligned base (implicit reward).")
-]
-RuleOpt = Annotated[RuleName, typer.Option("--rule", help="Deferral rule or baseline.")]
-Lam = Annotated[
-    float | None, typer.Option("--lam", help="Threshold λ of dual (default 0.4) and nudging.")
-]
-Budget = Annotated[float | None, typer.Option("--budget", help="Budget b of primal (default 0.9).")]
-Beta = Annotated[float | None, typer.Option("--beta", help="β of implicit reward (default 1).")]
-LossOpt = Annotated[str, typer.Option("--loss", help="nll, squared, margin or zero_one.")]
-Mu = Annotated[float | None, typer.Option("--mu", help="Threshold μ of dual with a non-nll loss.")]
-Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: auto).")]
-Dtype = Annotated[
-    str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: auto).")
-]
-Fast = Annotated[
-    bool | None,
-    typer.Option(
-        "--fast/--no-fast",
-        help="Static KV caches, compiled steps, CUDA graphs (default: on a GPU, for Llama, "
-        "Qwen2/3 and OLMo2 models).",
+@dataclass(frozen=True)
+class LazyCommand:
+    """A command whose module imports torch: ``target`` is ``"module:function"``, ``short_help``
+    its line in ``kad --help`` (a test checks it against the function's docstring)."""
+
+    target: str
+    short_help: str
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    def load(self, name: str) -> click.Command:
+        """Import the module and build the click command, `KadError`s exiting with code 2."""
+        module, function = self.target.split(":")
+        callback = getattr(importlib.import_module(module), function)
+        single = typer.Typer(add_completion=False)
+        single.command(name, **self.settings)(exits_on_bad_input(callback))
+        return plain_metavars(typer.main.get_command(single))
+
+
+LAZY_COMMANDS: dict[str, LazyCommand] = {
+    "serve": LazyCommand(
+        "kad.server:serve_command",
+        "Serve a KAD-aligned pair behind an OpenAI-compatible API (completions and chat).",
     ),
-]
-Speculative = Annotated[
-    str | None,
-    typer.Option(
-        "--speculative", help="Draft length γ ≥ 1 for lossless speculative decoding, or 'auto'."
+    "bench": LazyCommand(
+        "kad.bench:bench_command",
+        "Decoding speed of base, proxy, plain and speculative KAD next to the memory roofline "
+        "and transformers, on real models or random-weight presets.",
     ),
-]
+}
+_TYPE_METAVARS = {"str": "TEXT", "list[str]": "TEXT", "int": "INTEGER", "path": "PATH"}
 
 
-def build_rule(rule: RuleName, lam, budget, beta, loss: str, mu):
-    from kad.rules import make_rule
+def plain_metavars(command: click.Command) -> click.Command:
+    """Help without typer's ``<bool>``/``<str>`` labels: flags show none, other options an
+    upper-case type (``TEXT``, ``FLOAT``) or their choices. Returns ``command``."""
+    ctx = click.Context(command)
+    for param in command.get_params(ctx):
+        if isinstance(param, TyperOption) and param.metavar is None:
+            if param.is_flag:
+                param.metavar = ""
+            else:
+                label = param.display_type(ctx).strip("<>")
+                param.metavar = _TYPE_METAVARS.get(label, label.upper())
+    return command
 
-    return make_rule(rule.value, lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
+
+class KadGroup(TyperGroup):
+    """`kad`'s command group: `LAZY_COMMANDS` listed from their short help and imported only
+    when resolved; every command's help without typer's type labels."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is None and cmd_name in LAZY_COMMANDS:
+            return TyperCommand(cmd_name, help=LAZY_COMMANDS[cmd_name].short_help)
+        return command if command is None else plain_metavars(command)
+
+    def resolve_command(
+        self, ctx: click.Context, args: list[str]
+    ) -> tuple[str | None, click.Command | None, list[str]]:
+        name, command, rest = super().resolve_command(ctx, args)
+        if name in LAZY_COMMANDS and name not in self.commands:
+            command = self.commands[name] = LAZY_COMMANDS[name].load(name)
+        return name, command, rest
 
 
-def check_before_loading(rule, proxy_base: str | None, prompts: list[str]) -> None:
-    """Catch bad input before spending time on loading models."""
-    if rule.needs_proxy_base and proxy_base is None:
+app = typer.Typer(
+    cls=KadGroup,
+    add_completion=False,
+    no_args_is_help=True,
+    help="KAD: steer a large base LM with a small aligned proxy, token by token.",
+)
+
+
+def check_before_loading(rule: Any, has_proxy_base: bool, prompts: Sequence[str]) -> None:
+    """Catch bad input before spending time on loading models: a rule that needs a proxy base
+    the family lacks, an empty prompt, text that is not valid Unicode."""
+    from kad.prompt import check_text
+
+    if rule.needs_proxy_base and not has_proxy_base:
         raise KadError(f"the {rule.name} rule needs the proxy's unaligned base: add --proxy-base")
     for i, prompt in enumerate(prompts):
+        check_text(prompt, f"prompt {i}")
         if not prompt.strip():
             raise KadError(f"prompt {i} is empty")
 
@@ -103,39 +164,52 @@ def check_before_loading(rule, proxy_base: str | None, prompts: list[str]) -> No
 @exits_on_bad_input
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts (user text).")],
-    base: Base,
-    proxy: Proxy,
+    base: Base = None,
+    proxy: Proxy = None,
     proxy_base: ProxyBase = None,
-    rule: RuleOpt = RuleName.dual,
+    rule: RuleOpt = "dual",
     lam: Lam = None,
     budget: Budget = None,
     beta: Beta = None,
-    loss: LossOpt = "nll",
+    loss: Loss = "nll",
     mu: Mu = None,
-    max_new_tokens: Annotated[int, typer.Option(help="Most tokens to generate.")] = 256,
-    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    top_p: Annotated[float, typer.Option(help="Nucleus sampling mass.")] = 1.0,
+    max_new_tokens: MaxNewTokens = 256,
+    temperature: Temperature = 0.0,
+    top_p: TopP = 1.0,
     top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
-    seed: Annotated[int | None, typer.Option(help="Seed for sampling.")] = None,
+    seed: Seed = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     speculative: Speculative = None,
     device: Device = None,
     dtype: Dtype = None,
     fast: Fast = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Print texts with their stats.")] = False,
+    max_rows: MaxRows = None,
+    max_context: MaxContext = None,
+    memory_fraction: MemoryFraction = None,
+    as_json: Annotated[
+        bool, typer.Option("--json", help="Print a JSON list: each prompt with text and stats.")
+    ] = False,
     show_deferral: Annotated[
         bool, typer.Option("--show-deferral", help="Colour tokens: kept from the base or deferred.")
     ] = False,
 ) -> None:
-    """Generate from a base model aligned at test time by a small proxy."""
-    from kad.aligner import Aligner
+    """Generate from a base model aligned at test time by a small proxy (default: built-in)."""
+    from kad.rules import make_rule
     from kad.speculative import parse_speculative
 
-    rule_obj = build_rule(rule, lam, budget, beta, loss, mu)
-    check_before_loading(rule_obj, proxy_base, prompts)
+    rule_obj = make_rule(rule, lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
+    check_before_loading(rule_obj, proxy_base is not None or base is None, prompts)
     parse_speculative(speculative)
-    aligner = Aligner.from_pretrained(
-        base, proxy, proxy_base, dtype=dtype, device=device, fast=fast
+    aligner = load_aligner(
+        base,
+        proxy,
+        proxy_base,
+        dtype=dtype,
+        device=device,
+        fast=fast,
+        max_rows=max_rows,
+        max_context=max_context,
+        memory_fraction=memory_fraction,
     )
     outputs = aligner.generate(
         prompts,
@@ -153,10 +227,14 @@ def generate(
 
 
 def print_generations(aligner, prompts, outputs, *, as_json: bool, show_deferral: bool) -> None:
+    """The texts (or tokens coloured by deferral); with ``as_json``, a JSON list with one object
+    per prompt, however many prompts: ``{"prompt", "text", "token_ids", ..., "stats"}``."""
+    from kad.display import DEFERRAL_LEGEND, deferral_text
+
     console = Console(highlight=False)
     if as_json:
         rows = [{"prompt": p, **o.to_dict()} for p, o in zip(prompts, outputs, strict=True)]
-        print(json.dumps(rows if len(rows) > 1 else rows[0], indent=2))
+        print(json.dumps(rows, indent=2))
         return
     for prompt, out in zip(prompts, outputs, strict=True):
         if len(prompts) > 1:
@@ -184,32 +262,12 @@ def demo(
     run_demo(as_json=as_json, sweep=sweep, n=n)
 
 
+app.command("eval")(exits_on_bad_input(eval_command))
+app.command("sweep")(exits_on_bad_input(sweep_command))
+app.command("report")(exits_on_bad_input(report_command))
+app.command("lm-eval", context_settings=LM_EVAL_CONTEXT, add_help_option=False)(lm_eval_command)
+
+
 def main() -> None:  # pragma: no cover - console entry for `python -m kad`
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()
-
-
-def _register_module_commands() -> None:
-    """Commands that live beside the code they drive (evaluation, benchmarks, server)."""
-    from kad.eval.commands import (
-        LM_EVAL_CONTEXT,
-        eval_command,
-        lm_eval_command,
-        report_command,
-        sweep_command,
-    )
-
-    app.command("eval")(exits_on_bad_input(eval_command))
-    app.command("sweep")(exits_on_bad_input(sweep_command))
-    app.command("report")(exits_on_bad_input(report_command))
-    app.command("lm-eval", context_settings=LM_EVAL_CONTEXT, add_help_option=False)(lm_eval_command)
-
-    from kad.server import serve_command
-
-    app.command("serve")(exits_on_bad_input(serve_command))
-    from kad.bench import bench_command
-
-    app.command("bench")(exits_on_bad_input(bench_command))
-
-
-_register_module_commands()

@@ -229,7 +229,8 @@ def render_examples(
 
 def plot_sweep(sweep: Sequence[tuple[Rule, Row]], reference: Sequence[Row], path: Path) -> None:
     """Two panels: accuracy against mean α, and against the rule's λ or b; base and proxy alone
-    as horizontal lines. Points of one rule are joined in the order of its parameter."""
+    as horizontal lines. Each line joins its points in the order of its x value (α is not
+    monotone in λ)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -249,11 +250,11 @@ def plot_sweep(sweep: Sequence[tuple[Rule, Row]], reference: Sequence[Row], path
         )
         if not points:
             continue
-        accuracy = [100 * row.accuracy for _, row in points]
-        line = by_mass.plot([row.deferred_mass for _, row in points], accuracy, marker=marker)
+        by_alpha = sorted((row.deferred_mass, 100 * row.accuracy) for _, row in points)
+        line = by_mass.plot(*zip(*by_alpha, strict=True), marker=marker)
         by_parameter.plot(
-            [x for x, _ in points], accuracy, marker=marker, label=label,
-            color=line[0].get_color(),
+            [x for x, _ in points], [100 * row.accuracy for _, row in points], marker=marker,
+            label=label, color=line[0].get_color(),
         )  # fmt: skip
     for axes in (by_mass, by_parameter):
         for row, style in zip(reference, ("--", ":"), strict=False):

@@ -1,5 +1,7 @@
 """Model plumbing: loading a causal LM, the shared-vocabulary check, and prompt rendering.
 
+The prompt types (`Prompt`, `Raw`) live in the light `kad.prompt` and are re-exported here.
+
 Each model renders a prompt its own way (SPEC section 1): the aligned proxy through its chat
 template, the base as raw text. The generated continuation is one token sequence shared by all.
 """
@@ -17,8 +19,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 
 from kad.errors import KadError, ModelNotFoundError, PromptError, VocabularyMismatchError
+from kad.prompt import Message, Prompt, PromptPart, Raw, check_text, part_texts
 
-Message = dict[str, str]
 Template = None | str | Callable[[Any], str]
 
 DTYPES = {
@@ -29,29 +31,6 @@ DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-@dataclass(frozen=True)
-class Raw:
-    """Text passed to a model verbatim, past any template."""
-
-    text: str
-
-
-PromptPart = str | Raw | Sequence[Message]
-
-
-@dataclass(frozen=True)
-class Prompt:
-    """One prompt with a rendering per model: e.g. few-shot text for the base, a chat turn for
-    the proxy. A field left None falls back to the other one (``base`` to ``proxy``)."""
-
-    base: PromptPart | None = None
-    proxy: PromptPart | None = None
-
-    def __post_init__(self) -> None:
-        if self.base is None and self.proxy is None:
-            raise PromptError("a Prompt needs base= or proxy= text")
 
 
 def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torch.dtype:
@@ -183,6 +162,9 @@ class PromptRenderer:
     template: Template = None
 
     def render(self, part: PromptPart) -> str:
+        """The text this model reads; `PromptError` for text that is not valid Unicode."""
+        for what, text in part_texts(part):
+            check_text(text, what)
         if isinstance(part, Raw):
             return part.text
         if callable(self.template):
@@ -230,3 +212,20 @@ def context_length(model: PreTrainedModel) -> int:
         if isinstance(value, int) and value > 0:
             return value
     return 1 << 30
+
+
+__all__ = [
+    "Message",
+    "Prompt",
+    "PromptPart",
+    "PromptRenderer",
+    "Raw",
+    "Template",
+    "context_length",
+    "eos_ids",
+    "load_causal_lm",
+    "resolve_device",
+    "resolve_dtype",
+    "shared_vocab_size",
+    "transcript",
+]

@@ -1,29 +1,48 @@
 """The CLI commands of the harness: `kad eval`, `kad sweep`, `kad report`, `kad lm-eval`.
 
 Plain functions with typer annotations; `kad.cli` registers them. Bad input raises `KadError`.
+Light at import (the help must not wait for torch): the runner, the rules and the models load
+inside the commands.
 """
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 
 from kad.errors import KadError
-from kad.eval.runner import method_name, run_eval
-from kad.eval.sweep import (
-    DEFAULT_BETAS,
-    DEFAULT_BUDGETS,
-    DEFAULT_LAMS,
-    DEFAULT_RULES,
-    grid,
-    run_sweep,
-)
 from kad.eval.tasks import DATA_DIR_ENV, TASKS, get_task
-from kad.rules import RULE_NAMES, Rule, make_rule, rule_params
+from kad.options import (
+    Base,
+    Beta,
+    Budget,
+    Device,
+    Dtype,
+    Fast,
+    Lam,
+    Loss,
+    MaxContext,
+    MaxNewTokens,
+    MaxRows,
+    MemoryFraction,
+    Mu,
+    Proxy,
+    ProxyBase,
+    RuleOpt,
+    Seed,
+    Speculative,
+    Temperature,
+    TopP,
+    load_aligner,
+    model_paths,
+)
+
+if TYPE_CHECKING:
+    from kad.rules import Rule
 
 err_console = Console(stderr=True, highlight=False)
 
@@ -31,18 +50,6 @@ TaskList = Annotated[
     list[str],
     typer.Option("--task", help=f"Task (repeatable or comma-separated): {', '.join(TASKS)}."),
 ]
-BaseOpt = Annotated[
-    str | None,
-    typer.Option("--base", help="Base model: local dir, .gguf or Hub id (default: built-in)."),
-]
-ProxyOpt = Annotated[
-    str | None,
-    typer.Option("--proxy", help="Aligned proxy: local dir, .gguf or Hub id (default: built-in)."),
-]
-ProxyBaseOpt = Annotated[
-    str | None, typer.Option("--proxy-base", help="The proxy's unaligned base (implicit reward).")
-]
-LossOpt = Annotated[str, typer.Option("--loss", help="nll, squared, margin or zero_one.")]
 DataDir = Annotated[
     str | None,
     typer.Option(
@@ -57,16 +64,7 @@ Shots = Annotated[
 ]
 Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N examples.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")]
-MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")]
-Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
-TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
-Speculative = Annotated[
-    str | None, typer.Option("--speculative", help="Draft length γ ≥ 1, or 'auto' (lossless).")
-]
 OutDir = Annotated[Path, typer.Option("--out", help="Results root: one folder per method inside.")]
-Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: auto).")]
-Dtype = Annotated[str | None, typer.Option("--dtype", help="float32, bfloat16 or float16.")]
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -81,35 +79,12 @@ def split_floats(value: str, option: str) -> list[float]:
         raise KadError(f"{option} takes comma-separated numbers, got {value!r}") from None
 
 
-def model_paths(
-    base: str | None, proxy: str | None, proxy_base: str | None
-) -> tuple[str, str, str | None]:
-    """The models given, or the built-in family (base, proxy, proxy base) when neither base nor
-    proxy is."""
-    if base is not None and proxy is not None:
-        return base, proxy, proxy_base
-    if base is not None or proxy is not None:
-        raise KadError("give both --base and --proxy, or neither for the built-in pair")
-    from kad.world import builtin_paths
-
-    paths = builtin_paths()
-    return str(paths.base), str(paths.proxy), proxy_base or str(paths.proxy_base)
-
-
 def check_proxy_base(rules: list[Rule], proxy_base: str | None) -> None:
     needing = sorted({rule.name for rule in rules if rule.needs_proxy_base})
     if needing and proxy_base is None:
         raise KadError(
             f"the {', '.join(needing)} rule needs the proxy's base model: give --proxy-base"
         )
-
-
-def load_aligner(
-    base: str, proxy: str, proxy_base: str | None, device: str | None, dtype: str | None
-) -> Any:
-    from kad.aligner import Aligner
-
-    return Aligner.from_pretrained(base, proxy, proxy_base, dtype=dtype, device=device)
 
 
 def run_record(
@@ -121,6 +96,8 @@ def run_record(
     shots: int | None,
 ) -> dict[str, Any]:
     """The settings that define a method, as kept in ``run.json`` and every summary."""
+    from kad.rules import rule_params
+
     return {
         "base": base,
         "proxy": proxy,
@@ -163,15 +140,15 @@ def print_summary(summary: dict[str, Any], folder: Path) -> None:
 
 def eval_command(
     task: TaskList,
-    base: BaseOpt = None,
-    proxy: ProxyOpt = None,
-    proxy_base: ProxyBaseOpt = None,
-    rule: Annotated[str, typer.Option("--rule", help=f"One of {', '.join(RULE_NAMES)}.")] = "dual",
-    lam: Annotated[float | None, typer.Option("--lam", help="λ of dual / nudging.")] = None,
-    budget: Annotated[float | None, typer.Option("--budget", help="b of primal.")] = None,
-    beta: Annotated[float | None, typer.Option("--beta", help="β of implicit reward.")] = None,
-    loss: LossOpt = "nll",
-    mu: Annotated[float | None, typer.Option("--mu", help="μ of dual, non-nll loss.")] = None,
+    base: Base = None,
+    proxy: Proxy = None,
+    proxy_base: ProxyBase = None,
+    rule: RuleOpt = "dual",
+    lam: Lam = None,
+    budget: Budget = None,
+    beta: Beta = None,
+    loss: Loss = "nll",
+    mu: Mu = None,
     data_dir: DataDir = None,
     shots: Shots = None,
     limit: Limit = None,
@@ -184,17 +161,34 @@ def eval_command(
     out: OutDir = Path("results"),
     device: Device = None,
     dtype: Dtype = None,
+    fast: Fast = None,
+    max_rows: MaxRows = None,
+    max_context: MaxContext = None,
+    memory_fraction: MemoryFraction = None,
 ) -> None:
     """Evaluate one method on tasks: a JSONL line per example and a summary, resumable."""
+    from kad.eval.runner import method_name, run_eval
+    from kad.rules import make_rule
+
     tasks = [get_task(name, shots) for name in split_list(task)]
     if not tasks:
         raise KadError("give at least one --task")
     rule_obj = make_rule(rule, lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
-    base, proxy, proxy_base = model_paths(base, proxy, proxy_base)
-    check_proxy_base([rule_obj], proxy_base)
+    paths = model_paths(base, proxy, proxy_base)
+    check_proxy_base([rule_obj], paths[2])
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
-    run = run_record(base, proxy, proxy_base, rule_obj, decoding, shots)
-    aligner = load_aligner(base, proxy, run["proxy_base"], device, dtype)
+    run = run_record(*paths, rule_obj, decoding, shots)
+    aligner = load_aligner(
+        base,
+        proxy,
+        proxy_base if rule_obj.needs_proxy_base else None,
+        dtype=dtype,
+        device=device,
+        fast=fast,
+        max_rows=max_rows,
+        max_context=max_context,
+        memory_fraction=memory_fraction,
+    )
     folder = out / method_name(rule_obj.name, run["params"])
     for one in tasks:
         summary = run_eval(
@@ -214,27 +208,30 @@ def eval_command(
 
 def sweep_command(
     task: TaskList,
-    base: BaseOpt = None,
-    proxy: ProxyOpt = None,
-    proxy_base: ProxyBaseOpt = None,
+    base: Base = None,
+    proxy: Proxy = None,
+    proxy_base: ProxyBase = None,
     rules: Annotated[
         str | None,
         typer.Option(
             "--rules",
-            help=f"Comma-separated rules (default: {','.join(DEFAULT_RULES)}; implicit-reward "
-            "only with a proxy base).",
+            help="Comma-separated rules (default: sweep.DEFAULT_RULES; implicit-reward only "
+            "with a proxy base).",
         ),
     ] = None,
-    lams: Annotated[str, typer.Option("--lams", help="λ values of dual and nudging.")] = ",".join(
-        f"{v:g}" for v in DEFAULT_LAMS
-    ),
-    budgets: Annotated[str, typer.Option("--budgets", help="b values of primal.")] = ",".join(
-        f"{v:g}" for v in DEFAULT_BUDGETS
-    ),
-    betas: Annotated[str, typer.Option("--betas", help="β values of implicit reward.")] = ",".join(
-        f"{v:g}" for v in DEFAULT_BETAS
-    ),
-    loss: LossOpt = "nll",
+    lams: Annotated[
+        str | None,
+        typer.Option("--lams", help="λ values of dual and nudging (default: sweep.DEFAULT_LAMS)."),
+    ] = None,
+    budgets: Annotated[
+        str | None,
+        typer.Option("--budgets", help="b values of primal (default: sweep.DEFAULT_BUDGETS)."),
+    ] = None,
+    betas: Annotated[
+        str | None,
+        typer.Option("--betas", help="β values of implicit reward (default: sweep.DEFAULT_BETAS)."),
+    ] = None,
+    loss: Loss = "nll",
     mus: Annotated[str, typer.Option("--mus", help="μ values of dual with a non-nll loss.")] = "",
     data_dir: DataDir = None,
     shots: Shots = None,
@@ -248,36 +245,55 @@ def sweep_command(
     out: OutDir = Path("results"),
     device: Device = None,
     dtype: Dtype = None,
+    fast: Fast = None,
+    max_rows: MaxRows = None,
+    max_context: MaxContext = None,
+    memory_fraction: MemoryFraction = None,
 ) -> None:
-    """Run the paper's comparison: every task at every grid point, one folder per point."""
+    """Run the paper's comparison: every task at every grid point, one folder per point.
+
+    Grids left out are those of `kad.eval.sweep` (DEFAULT_LAMS, DEFAULT_BUDGETS, ...)."""
+    from kad.eval import sweep
+    from kad.eval.runner import method_name
+
     tasks = [get_task(name, shots) for name in split_list(task)]
     if not tasks:
         raise KadError("give at least one --task")
-    base, proxy, proxy_base = model_paths(base, proxy, proxy_base)
+    paths = model_paths(base, proxy, proxy_base)
     if rules is not None:
         rule_names = split_list([rules])
-    elif proxy_base is None:
-        rule_names = [name for name in DEFAULT_RULES if name != "implicit-reward"]
+    elif paths[2] is None:
+        rule_names = [name for name in sweep.DEFAULT_RULES if name != "implicit-reward"]
         err_console.print("no --proxy-base: skipping the implicit-reward baseline")
     else:
-        rule_names = list(DEFAULT_RULES)
-    points = grid(
+        rule_names = list(sweep.DEFAULT_RULES)
+    points = sweep.grid(
         rule_names,
-        split_floats(lams, "--lams"),
-        split_floats(budgets, "--budgets"),
-        split_floats(betas, "--betas"),
+        split_floats(lams, "--lams") if lams is not None else sweep.DEFAULT_LAMS,
+        split_floats(budgets, "--budgets") if budgets is not None else sweep.DEFAULT_BUDGETS,
+        split_floats(betas, "--betas") if betas is not None else sweep.DEFAULT_BETAS,
         loss,
         split_floats(mus, "--mus"),
     )
-    check_proxy_base(points, proxy_base)
+    check_proxy_base(points, paths[2])
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
-    aligner = load_aligner(base, proxy, proxy_base, device, dtype)
-    summaries = run_sweep(
+    aligner = load_aligner(
+        base,
+        proxy,
+        proxy_base,
+        dtype=dtype,
+        device=device,
+        fast=fast,
+        max_rows=max_rows,
+        max_context=max_context,
+        memory_fraction=memory_fraction,
+    )
+    summaries = sweep.run_sweep(
         aligner,
         tasks,
         points,
         out,
-        lambda r: run_record(base, proxy, proxy_base, r, decoding, shots),
+        lambda r: run_record(*paths, r, decoding, shots),
         data_dir=data_dir,
         limit=limit,
         batch_size=batch_size,
@@ -313,6 +329,30 @@ LM_EVAL_CONTEXT = {"allow_extra_args": True, "ignore_unknown_options": True}
 def lm_eval_command(ctx: typer.Context) -> None:
     """Run lm-evaluation-harness with the `kad` model registered: same arguments as `lm_eval`,
     e.g. kad lm-eval --model kad --model_args base=B,proxy=Q,rule=dual,lam=0.4 --tasks gsm8k."""
-    from kad.eval.lm_eval_model import run_lm_eval_cli
+    from kad.eval.lm_eval_model import KadLM, run_lm_eval_cli
 
+    if {"-h", "--help"} & set(ctx.args):
+        typer.echo(model_args_help(KadLM))
     run_lm_eval_cli(list(ctx.args))
+
+
+def model_args_help(model: type) -> str:
+    """The kad section of ``kad lm-eval --help``: the model args (``model``'s constructor
+    arguments, with their defaults), before lm-eval's own help."""
+    import inspect
+
+    from kad.rule_names import RULE_NAMES
+
+    params = [p for p in inspect.signature(model).parameters.values() if p.name != "self"]
+    width = max(len(p.name) for p in params) + 2
+    lines = [
+        "kad lm-eval: lm-eval's command line with the kad model registered.",
+        "  kad lm-eval --model kad --model_args base=B,proxy=Q,rule=dual,lam=0.4 --tasks gsm8k",
+        "",
+        "kad model args (--model_args key=value,...):",
+    ]
+    for p in params:
+        default = "required" if p.default is inspect.Parameter.empty else f"default {p.default!r}"
+        lines.append(f"  {p.name.ljust(width)}{default}")
+    lines += [f"rules: {', '.join(RULE_NAMES)}", "", "lm-eval's own help:", ""]
+    return "\n".join(lines)

@@ -143,31 +143,53 @@ def latex_equal(prediction: str | None, gold: str) -> bool:
         return False
 
 
-_LABEL = r"(?:\(([A-Za-z0-9])\)|([A-Z0-9]))(?![A-Za-z0-9])"
-_ANSWER_LETTER_RE = re.compile(r"(?i:answer\s+is)\s*:?\s*" + _LABEL)
-_ANSWER_COLON_RE = re.compile(r"(?i:answer)\s*:\s*" + _LABEL)
-_LEADING_LETTER_RE = re.compile(r"^\s*(?:\(([A-Za-z0-9])\)|([A-Z0-9])(?=[.):]|\s*$))")
-_PAREN_LETTER_RE = re.compile(r"\(([A-Za-z0-9])\)")
+# A choice label as models write it: C, (C), [C], **C**, *C*; bare labels are upper case (so
+# that the article "a" is no answer) and end at a non-word character ("C++" is no label).
+_LABEL = (
+    r"(?:\*\*|\*|__)?(?:\(([A-Za-z0-9])\)|\[([A-Za-z0-9])\]|([A-Z0-9]))(?:\*\*|\*|__)?"
+    r"(?![A-Za-z0-9+#'’-])"
+)
+# Phrases that commit to a label: "the answer is", "answer:", "the correct option is",
+# "the best choice would be", "I choose" / "I'd pick" / "I will go with", then the label, maybe
+# after "option" or "choice": "the answer is option C".
+_COMMIT_RE = re.compile(
+    r"(?i:\b(?:answer|option|choice)\s+(?:is|would\s+be|will\s+be|should\s+be|=)\s*:?"
+    r"|\banswer\s*[:=]"
+    r"|\bI(?:\s+would|\s+will|'d|'ll|’d|’ll)?\s+(?:choose|pick|select|go\s+with))"
+    r"\s*(?i:(?:option|choice)\s+)?" + _LABEL
+)
+_BOLD_LABEL_RE = re.compile(r"\*\*\(?([A-Z0-9])\)?(?:[.):]\s*[^*]*)?\*\*")
+_LEADING_LABEL_RE = re.compile(r"^\s*(?:\*\*|\*)?(?:\(([A-Za-z0-9])\)|([A-Z0-9])(?=[.):]|\*|\s*$))")
+_OPTION_LABEL_RE = re.compile(r"(?i:\b(?:option|choice))\s+" + _LABEL)
+_PAREN_LABEL_RE = re.compile(r"\(([A-Za-z0-9])\)")
+
+
+def _labels_found(pattern: re.Pattern[str], text: str) -> list[tuple[int, str]]:
+    """(position, upper-cased label) of every match of ``pattern``, in order."""
+    return [(m.start(), next(g for g in m.groups() if g).upper()) for m in pattern.finditer(text)]
 
 
 def extract_choice(
     text: str, labels: Sequence[str], choice_texts: Sequence[str] = ()
 ) -> str | None:
-    """The choice label the text commits to (one of ``labels``, e.g. A-E).
+    """The choice label the text commits to (one of ``labels``, e.g. A-E or 1-4).
 
-    In order: "the answer is (C)"; "Answer: C"; a label opening the text ("C", "(C)", "C. ...");
-    the last parenthesised label; else the one choice whose text alone appears in the output.
-    Letters match case-insensitively only in these explicit forms.
+    In order: the first commitment ("the answer is (C)", "Answer: C", "The correct option is C",
+    "I choose C", a bold "**C**"); a label opening the text ("C", "(C)", "C) ...", "C. ...");
+    the last "Option C"; the last parenthesised label; else the one choice whose text alone
+    appears in the output. Bare letters count only in upper case, parenthesised ones in any.
     """
     by_upper = {label.upper(): label for label in labels}
-    for pattern in (_ANSWER_LETTER_RE, _ANSWER_COLON_RE, _LEADING_LETTER_RE):
-        match = pattern.search(text)
-        found = match and (match.group(1) or match.group(2)).upper()
-        if found and found in by_upper:
-            return by_upper[found]
-    for candidate in reversed(_PAREN_LETTER_RE.findall(text)):
-        if candidate.upper() in by_upper:
-            return by_upper[candidate.upper()]
+    ranked = (  # (matches in text order, which one to take)
+        (sorted(_labels_found(_COMMIT_RE, text) + _labels_found(_BOLD_LABEL_RE, text)), 0),
+        (_labels_found(_LEADING_LABEL_RE, text), 0),
+        (_labels_found(_OPTION_LABEL_RE, text), -1),
+        (_labels_found(_PAREN_LABEL_RE, text), -1),
+    )
+    for found, pick in ranked:
+        known = [label for _, label in found if label in by_upper]
+        if known:
+            return by_upper[known[pick]]
     lowered = text.lower()
     present = [
         label

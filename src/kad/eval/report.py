@@ -132,6 +132,15 @@ def _reference(summaries: Sequence[Summary], rule: str, task: str) -> float | No
     return next((s["accuracy"] for s in summaries if s["rule"] == rule and s["task"] == task), None)
 
 
+def clamp_percent_axis(ax: Any, values: Sequence[float]) -> None:
+    """The y-axis of a percentage panel: the data's range with a margin, within [0, 100]."""
+    if not values:
+        return
+    low, high = min(values), max(values)
+    margin = max(2.0, 0.1 * (high - low))
+    ax.set_ylim(max(0.0, low - margin), min(100.0, high + margin))
+
+
 def plot_accuracy(
     summaries: Sequence[Summary],
     lines: Sequence[tuple[str, str, str]],
@@ -152,15 +161,19 @@ def plot_accuracy(
     fig = Figure(figsize=(4.2 * cols, 3.2 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
     for ax, task in zip(axes.flat, tasks, strict=False):
+        shown: list[float] = []
         for rule, style, label in lines:
             points = curves[rule].get(task)
             if points:
                 xs, ys = zip(*points, strict=True)
+                shown += [100 * y for y in ys]
                 ax.plot(xs, [100 * y for y in ys], style, label=label)
         for rule, style in (("base", ":"), ("proxy", "--")):
             level = _reference(summaries, rule, task)
             if level is not None:
+                shown.append(100 * level)
                 ax.axhline(100 * level, linestyle=style, color="gray", label=rule)
+        clamp_percent_axis(ax, shown)
         ax.set_title(TASK_TITLES.get(task, task))
         ax.set_xlabel(xlabel)
         ax.set_ylabel("accuracy %")
@@ -186,11 +199,14 @@ def plot_deferral(summaries: Sequence[Summary], path: Path) -> Path | None:
         return None
     fig = Figure(figsize=(10, 3.8))
     for ax, (label, dual, nudging) in zip(fig.subplots(1, 2), panels, strict=True):
+        shown: list[float] = []
         for task in TASKS:
             for curves, style, name in ((dual, "o-", "KAD dual"), (nudging, "s--", "nudging")):
                 if task in curves:
                     xs, ys = zip(*curves[task], strict=True)
+                    shown += [100 * y for y in ys]
                     ax.plot(xs, [100 * y for y in ys], style, label=f"{name} · {TASK_TITLES[task]}")
+        clamp_percent_axis(ax, shown)
         ax.set_xlabel("λ")
         ax.set_ylabel(label)
         ax.legend(fontsize=7)

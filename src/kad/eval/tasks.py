@@ -35,7 +35,7 @@ from kad.eval.extract import (
     latex_equal,
     numbers_equal,
 )
-from kad.models import Prompt, Raw
+from kad.prompt import Prompt, Raw
 
 DATA_DIR_ENV = "KAD_DATA_DIR"
 Example = dict[str, Any]

@@ -152,3 +152,33 @@ def random_model(name: str, *, device: torch.device | str, dtype: torch.dtype) -
 def parameter_count(model: PreTrainedModel) -> int:
     """Distinct parameters (tied embeddings counted once)."""
     return sum(p.numel() for p in model.parameters())
+
+
+def random_aligner(
+    spec: str,
+    *,
+    device: torch.device | str,
+    dtype: torch.dtype,
+    seed: int = 0,
+    **runtime: Any,
+) -> Any:
+    """A `kad.Aligner` over a random-weight preset pair (``"llama3-8b"`` or ``"base:proxy"``)
+    that reads and writes text through the built-in pair's tokenizer (its vocabulary is the
+    shared one): the real models' shapes, bytes and speed behind a server, for load tests.
+    ``runtime``: the Aligner's pool settings (max_rows, max_context, memory_fraction)."""
+    from transformers import AutoTokenizer
+
+    from kad.aligner import Aligner, Member
+    from kad.models import PromptRenderer
+    from kad.world import BASE_TEMPLATE, builtin_paths
+
+    base_name, proxy_name = parse_pair(spec)
+    tokenizer = AutoTokenizer.from_pretrained(str(builtin_paths().proxy))
+    torch.manual_seed(seed)
+    base = random_model(base_name, device=device, dtype=dtype)
+    proxy = random_model(proxy_name, device=device, dtype=dtype)
+    return Aligner(
+        Member(base, tokenizer, PromptRenderer(tokenizer, False, BASE_TEMPLATE)),
+        Member(proxy, tokenizer, PromptRenderer(tokenizer, True, None)),
+        **runtime,
+    )
