@@ -10,9 +10,9 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import kad
-from kad.sampling import row_seed
 from kad.fast.runner import StaticRunner
 from kad.runtime.runner import TransformersRunner
+from kad.sampling import row_seed
 
 PROMPTS = ["Tom has 3 apples", "Hello", "The quick brown fox jumps over the lazy dog. 12 + 34 ="]
 RULES = [

@@ -8,6 +8,8 @@ import math
 
 import pytest
 import torch
+from kad.engine import DecodeSession, ModelRunner
+from kad.fast.session import Draws
 from transformers import AutoConfig, AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -22,7 +24,6 @@ from kad.bench import (
     run_bench,
     time_session,
 )
-from kad.engine import DecodeSession, ModelRunner
 from kad.fast import FastSession, StaticRunner, make_runner, unsupported_reason
 from kad.fast.presets import PRESETS, parameter_count, parse_pair, random_model
 from kad.fast.roofline import (
@@ -33,7 +34,6 @@ from kad.fast.roofline import (
     speculative_roofline,
     tokens_per_second_at,
 )
-from kad.fast.session import Draws
 from kad.sampling import Warp, counter_uniform
 
 NEW = 12

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from kad.errors import KadError
-from kad.rule_names import LOSSES, RULE_NAMES
+from kad.rules import LOSSES, RULE_NAMES
 
 if TYPE_CHECKING:
     from kad.aligner import Aligner

@@ -31,11 +31,25 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import MISSING, Field, asdict, dataclass, field, fields
-from typing import Any, Literal, NamedTuple, Protocol, get_args, runtime_checkable
-
-import torch
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple, Protocol, get_args, runtime_checkable
 
 from kad.errors import KadError
+
+if TYPE_CHECKING:
+    import torch
+else:
+
+    class _Torch:
+        """torch, imported on first use: the registry (names, parameters, ranges) is read by
+        the command line's help, which must not wait seconds for torch."""
+
+        def __getattr__(self, name: str) -> Any:
+            import torch as module
+
+            globals()["torch"] = module
+            return getattr(module, name)
+
+    torch = _Torch()
 
 Loss = Literal["nll", "squared", "margin", "zero_one"]
 LOSSES: tuple[str, ...] = get_args(Loss)

@@ -341,7 +341,7 @@ def model_args_help(model: type) -> str:
     arguments, with their defaults), before lm-eval's own help."""
     import inspect
 
-    from kad.rule_names import RULE_NAMES
+    from kad.rules import RULE_NAMES
 
     params = [p for p in inspect.signature(model).parameters.values() if p.name != "self"]
     width = max(len(p.name) for p in params) + 2
