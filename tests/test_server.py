@@ -21,7 +21,8 @@ import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 import kad
-from kad.server import KadOptions, create_app, resolve_rule
+from kad.serve.app import create_app
+from kad.serve.schema import KadOptions, resolve_rule
 
 PROMPT = "Tom has 3 apples"
 CHAT = [
@@ -72,9 +73,9 @@ def served(tiny_dirs: SimpleNamespace) -> Iterator[SimpleNamespace]:
         str(tiny_dirs.base), str(tiny_dirs.proxy), str(tiny_dirs.proxy_base)
     )
     aligner = RecordingAligner(full)
-    app = create_app(aligner, max_batch=16)
+    app = create_app(aligner, max_rows=16)
     with serving(app) as url:
-        yield SimpleNamespace(url=url, aligner=aligner, scheduler=app.state.scheduler)
+        yield SimpleNamespace(url=url, aligner=aligner, worker=app.state.worker)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,7 @@ def test_models_and_health(served: SimpleNamespace, client: openai.OpenAI) -> No
     assert [m.id for m in client.models.list().data] == ["kad"]
     assert client.models.retrieve("kad").id == "kad"
     health = httpx.get(f"{served.url}/health").json()
-    assert health["status"] == "ok" and health["max_batch"] == 16
+    assert health["status"] == "ok" and health["max_rows"] == 16
 
 
 def test_completion_equals_generate(client: openai.OpenAI, tiny_aligner: kad.Aligner) -> None:
@@ -249,8 +250,8 @@ def test_64_concurrent_greedy_clients_equal_requests_run_alone(
     assert len(answers) == 64
     for (_, prompt, max_tokens, _), answer in zip(requests, answers, strict=True):
         assert answer == alone(tiny_aligner, prompt, max_new_tokens=max_tokens).text
-    load = served.scheduler.load()
-    assert 1 < load["peak_rows"] <= 16  # they were batched, within --max-batch
+    load = served.worker.load()
+    assert 1 < load["peak_rows"] <= 16  # they were batched, within --max-rows
     assert load["running_rows"] == 0 and load["waiting_requests"] == 0
     budgets = [{s.max_new_tokens for s in x.states} for x in served.aligner.sessions[before:]]
     assert {6, 8} in budgets  # requests with different max_tokens shared a batch
@@ -263,9 +264,9 @@ def test_disconnect_mid_stream_frees_the_slot(served: SimpleNamespace) -> None:
         assert first.startswith("data: ")
         session = served.aligner.sessions[-1]
     deadline = time.monotonic() + 10
-    while served.scheduler.load()["running_rows"] and time.monotonic() < deadline:
+    while served.worker.load()["running_rows"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert served.scheduler.load()["running_rows"] == 0
+    assert served.worker.load()["running_rows"] == 0
     (generation,) = session.results()
     assert generation.finish_reason == "cancelled" and len(generation.token_ids) < 200
     answer = httpx.post(
@@ -381,7 +382,7 @@ def test_schemathesis_finds_no_server_error(served: SimpleNamespace) -> None:
 
 
 def test_serve_command_rejects_half_a_pair_before_loading() -> None:
-    from kad.server import serve_command
+    from kad.serve.command import serve_command
 
     with pytest.raises(kad.KadError, match="both --base and --proxy"):
         serve_command(base="some/base", proxy=None)
@@ -389,7 +390,7 @@ def test_serve_command_rejects_half_a_pair_before_loading() -> None:
 
 def test_builtin_pair_serves_chat_and_streams() -> None:
     """`kad serve` without --base/--proxy: the built-in pair, as the README shows it."""
-    from kad.server import load_aligner
+    from kad.serve.command import load_aligner
 
     try:
         reference = load_aligner(None, None)
@@ -419,7 +420,7 @@ def test_static_runners_serve_concurrent_sessions(
     request decoded alone on the engine's path."""
     fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
     recorded = RecordingAligner(fast)
-    app = create_app(recorded, max_batch=8)
+    app = create_app(recorded, max_rows=8)
     requests = [(f"Tom has {i} apples and buys", 3 + i % 5) for i in range(24)]
     with serving(app) as url:
 

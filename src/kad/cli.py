@@ -204,7 +204,7 @@ def _register_module_commands() -> None:
     app.command("report")(exits_on_bad_input(report_command))
     app.command("lm-eval", context_settings=LM_EVAL_CONTEXT, add_help_option=False)(lm_eval_command)
 
-    from kad.server import serve_command
+    from kad.serve.command import serve_command
 
     app.command("serve")(exits_on_bad_input(serve_command))
     from kad.bench import bench_command

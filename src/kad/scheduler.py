@@ -47,12 +47,14 @@ class DecodeParams:
     max_new_tokens: int
     temperature: float = 0.0
     top_p: float = 1.0
+    top_k: int = 0
     stop: tuple[str, ...] = ()
     speculative: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.temperature == 0.0:
             object.__setattr__(self, "top_p", 1.0)
+            object.__setattr__(self, "top_k", 0)
 
     @property
     def batch_key(self) -> DecodeParams:
@@ -64,6 +66,7 @@ class DecodeParams:
             "rule": self.rule,
             "temperature": self.temperature,
             "top_p": self.top_p,
+            "top_k": self.top_k,
             "stop": list(self.stop) or None,
             "speculative": self.speculative,
         }
@@ -115,6 +118,7 @@ class Job:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     id: int = field(default_factory=lambda: next(_job_ids))
     cancelled: bool = False
+    prompt_ids: dict[str, list[list[int]]] | None = None  # per role, from aligner.encode_prompts
     prompt_tokens: list[int] = field(default_factory=list)
 
     @property
@@ -196,14 +200,22 @@ class Scheduler:
             self._thread.join()
             self._thread = None
 
-    def submit(self, prompts: Sequence[Any], params: DecodeParams, seed: int | None = None) -> Job:
-        """Queue a job; call it on the event loop that will read the job's events."""
+    def submit(
+        self,
+        prompts: Sequence[Any],
+        params: DecodeParams,
+        seed: int | None = None,
+        prompt_ids: dict[str, list[list[int]]] | None = None,
+    ) -> Job:
+        """Queue a job; call it on the event loop that will read the job's events.
+
+        prompt_ids: what ``aligner.encode_prompts(prompts)`` returned, if the caller tokenized."""
         if not 1 <= len(prompts) <= self.max_batch:
             raise KadError(
                 f"a request may decode 1 to {self.max_batch} sequences (prompts × n) at once; "
                 f"this one asks for {len(prompts)}"
             )
-        job = Job(list(prompts), params, asyncio.get_running_loop(), seed)
+        job = Job(list(prompts), params, asyncio.get_running_loop(), seed, prompt_ids=prompt_ids)
         self._inbox.put(job)
         return job
 
@@ -291,7 +303,7 @@ class Scheduler:
 
     def _encode(self, job: Job) -> bool:
         try:
-            ids = self.aligner.encode_prompts(job.prompts)
+            ids = job.prompt_ids or self.aligner.encode_prompts(job.prompts)
         except Exception as error:
             self._fail(job, error)
             return False
