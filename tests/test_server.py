@@ -6,65 +6,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 import kad
 from kad.serve.app import create_app
 from kad.serve.schema import KadOptions, resolve_rule
+from tests.serving import RecordingAligner, serving
 
 PROMPT = "Tom has 3 apples"
 CHAT = [
     {"role": "system", "content": "You answer briefly."},
     {"role": "user", "content": "What is 7 times 6?"},
 ]
-
-
-class RecordingAligner:
-    """The real aligner, keeping every session it starts (to see what the server cancelled)."""
-
-    def __init__(self, aligner: Any) -> None:
-        self.aligner = aligner
-        self.sessions: list[Any] = []
-
-    def encode_prompts(self, prompts: Any) -> dict[str, list[list[int]]]:
-        return self.aligner.encode_prompts(prompts)
-
-    def start(self, prompts: Any, **kwargs: Any) -> Any:
-        session = self.aligner.start(prompts, **kwargs)
-        self.sessions.append(session)
-        return session
-
-
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
 
 
 @pytest.fixture(scope="module")

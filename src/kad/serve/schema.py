@@ -10,14 +10,15 @@ common OpenAI clients send are accepted when they ask for nothing this server la
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import (
-    AfterValidator,
     AllowInfNan,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     Strict,
@@ -52,18 +53,35 @@ FIELD_NOTES = {
 }
 
 
-def _valid_unicode(text: str) -> str:
-    """Text that encodes to UTF-8: JSON's "\\ud800" escapes decode to unpaired surrogates,
-    which no tokenizer (and no UTF-8 response) can take."""
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as error:
-        bad = text[error.start]
+def _valid_unicode(value: Any) -> Any:
+    """``value`` if every string in it (a text, a list, a message part...) encodes to UTF-8:
+    JSON's "\\ud800" escapes decode to unpaired surrogates, which no tokenizer (and no UTF-8
+    response) can take. Runs before type validation: what is not text is left to that."""
+    bad = _surrogate(value)
+    if bad is not None:
+        where, index, char = bad
         raise ValueError(
-            f"the text holds an unpaired UTF-16 surrogate (U+{ord(bad):04X} at index "
-            f"{error.start}), which is not valid Unicode"
-        ) from None
-    return text
+            f"{where}the text holds an unpaired UTF-16 surrogate (U+{ord(char):04X} at index "
+            f"{index}), which is not valid Unicode"
+        )
+    return value
+
+
+def _surrogate(value: Any, where: str = "") -> tuple[str, int, str] | None:
+    """(where, index, character) of the first unpaired surrogate in ``value``, or None."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as error:
+            return where, error.start, value[error.start]
+        return None
+    items = value.values() if isinstance(value, dict) else value
+    if isinstance(value, (list, dict)):
+        for i, item in enumerate(items):
+            found = _surrogate(item, where or f"item {i}: ")
+            if found is not None:
+                return found
+    return None
 
 
 def ascii_safe(text: str) -> str:
@@ -71,9 +89,11 @@ def ascii_safe(text: str) -> str:
     return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
-Text = Annotated[str, Strict(), AfterValidator(_valid_unicode)]
-StopText = Annotated[Text, Field(min_length=1)]
+ValidUnicode = BeforeValidator(_valid_unicode)
+StopText = Annotated[str, Field(min_length=1)]
 Number = Annotated[float, Strict(), AllowInfNan(False)]  # an int or a finite float, not a bool
+# Pydantic's names of union members in an error's location ("list[str]", "function-after[...]")
+_UNION_TAG = re.compile(r"^(str|int|float|bool|none|constrained-\w+|[a-z-]+\[.*\])$")
 
 
 # --- errors ----------------------------------------------------------------------------------
@@ -128,7 +148,9 @@ def validation_error(error: RequestValidationError) -> APIError:
 
 
 def _field(problem: dict[str, Any]) -> str:
-    return ".".join(str(p) for p in problem.get("loc", ()) if p != "body")
+    """The problem's field, e.g. "messages.0.content" (without the union members' names)."""
+    loc = problem.get("loc", ())
+    return ".".join(str(p) for p in loc if p != "body" and not _UNION_TAG.match(str(p)))
 
 
 def _problem(problem: dict[str, Any]) -> str:
@@ -175,7 +197,7 @@ class SamplingRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    model: Text
+    model: Annotated[str, ValidUnicode]
     max_tokens: StrictInt | None = Field(None, ge=1)
     temperature: Number = Field(1.0, ge=0, le=2)
     top_p: Number = Field(1.0, gt=0, le=1)
@@ -183,7 +205,9 @@ class SamplingRequest(BaseModel):
     n: StrictInt = Field(1, ge=1)
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    stop: StopText | Annotated[list[StopText], Field(max_length=4)] | None = None
+    stop: Annotated[
+        StopText | Annotated[list[StopText], Field(max_length=4)] | None, ValidUnicode
+    ] = None
     seed: StrictInt | None = Field(None, ge=0, le=SEED_MAX)
     user: str | None = Field(None, description="ignored")
     presence_penalty: Number | None = Field(None, ge=0, le=0, description="only 0 is supported")
@@ -204,7 +228,7 @@ class SamplingRequest(BaseModel):
 
 
 class CompletionRequest(SamplingRequest):
-    prompt: Text | Annotated[list[Text], Field(min_length=1)] = Field(
+    prompt: Annotated[str | Annotated[list[str], Field(min_length=1)], ValidUnicode] = Field(
         ..., description="a prompt or a list of prompts"
     )
     max_tokens: StrictInt | None = Field(16, ge=1)
@@ -221,14 +245,14 @@ class TextPart(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     type: Literal["text"]
-    text: Text
+    text: str
 
 
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "developer", "user", "assistant"]
-    content: Text | list[TextPart]
+    content: Annotated[str | list[TextPart], ValidUnicode]
     name: str | None = None
 
     def text(self) -> str:
