@@ -404,3 +404,40 @@ def test_static_runners_serve_concurrent_sessions(
     assert all(s.fused for s in sessions) and len(sessions) > 1
     runner_ids = [id(s.runners["base"]) for s in sessions]
     assert len(set(runner_ids)) < len(runner_ids)  # a finished session's runners were reused
+
+
+def test_random_init_serves_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kad serve --random-init`: a random-weight preset pair with the built-in tokenizer answers
+    HTTP text. The real presets (1B parameters and up) are too slow to build on a CPU: a tiny
+    Llama preset of the same shape of config stands in for them."""
+    from fastapi.testclient import TestClient
+
+    from kad.fast import presets
+    from kad.serve.command import random_aligner
+
+    tiny = dict(
+        presets.PRESETS["llama3.2-1b"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    monkeypatch.setitem(presets.PRESETS, "tiny-base", tiny)
+    monkeypatch.setitem(presets.PRESETS, "tiny-proxy", {**tiny, "num_hidden_layers": 1})
+    monkeypatch.setitem(presets.PAIRS, "tiny-base", "tiny-proxy")
+    try:
+        aligner = random_aligner("tiny-base", device="cpu")
+    except kad.ModelNotFoundError:
+        pytest.skip("the built-in pair is not built")
+    assert aligner.members["base"].model.config.num_hidden_layers == 2
+    assert aligner.members["proxy"].model.config.num_hidden_layers == 1
+    with TestClient(create_app(aligner)) as client:
+        body = {"model": "kad", "max_tokens": 5, "temperature": 0}
+        chat = client.post("/v1/chat/completions", json={**body, "messages": CHAT})
+        completion = client.post("/v1/completions", json={**body, "prompt": PROMPT})
+    assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
+    assert completion.json()["usage"]["completion_tokens"] == 5
+    assert isinstance(chat.json()["choices"][0]["message"]["content"], str)
