@@ -39,7 +39,7 @@ SEED_MAX = 2**63 - 1
 # its type below: e.g. `tools` must be an empty list).
 FIELD_NOTES = {
     "echo": "echo is not supported by this server (leave it out)",
-    "logprobs": "logprobs are not supported by this server (leave it out or false)",
+    "logprobs": "logprobs are not supported by this server (leave them out)",
     "top_logprobs": "top_logprobs are not supported by this server (leave it out or 0)",
     "best_of": "best_of is not supported by this server (leave it out or 1)",
     "suffix": "suffix is not supported by this server (leave it out)",
