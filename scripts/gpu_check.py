@@ -20,10 +20,10 @@ from collections import Counter
 from pathlib import Path
 
 import torch
+from kad.engine import DecodeSession, ModelRunner
 
 import kad
 from kad.bench import agreement, decode_ids, float32_check, random_float32_pair
-from kad.engine import DecodeSession, ModelRunner
 from kad.fast import FastSession, StaticRunner
 from kad.fast.graphs import compiled_uniforms
 from kad.sampling import Warp, counter_uniform

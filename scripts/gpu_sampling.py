@@ -16,9 +16,9 @@ import os
 import sys
 
 import torch
+from kad.fast.session import Draws, decide, decide_sampled
 
 from kad.bench import _random_pair, _seconds_of, kernel_profile
-from kad.fast.session import Draws, decide, decide_sampled
 from kad.rules import Dual
 from kad.sampling import Warp
 

@@ -38,7 +38,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=256, help="requests in all")
     parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
-    parser.add_argument("--max-batch", type=int, default=16, help="the server's --max-batch")
+    parser.add_argument("--max-rows", type=int, default=16, help="the server's --max-rows")
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
     parser.add_argument(
         "--speculative", default=None, help="draft length γ or 'auto' (default off)"
@@ -51,13 +51,14 @@ def parse_args() -> argparse.Namespace:
 
 def start_server(args: argparse.Namespace) -> tuple[str, uvicorn.Server, threading.Thread]:
     """The app on a free 127.0.0.1 port, in a background thread."""
-    from kad.server import create_app, load_aligner, set_cpu_threads
+    from kad.serve.app import create_app
+    from kad.serve.command import load_aligner, set_cpu_threads
     from kad.speculative import parse_speculative
 
-    aligner = load_aligner(args.base, args.proxy)
+    aligner = load_aligner(args.base, args.proxy, max_rows=args.max_rows)
     set_cpu_threads(aligner, args.threads)
     app = create_app(
-        aligner, speculative=parse_speculative(args.speculative), max_batch=args.max_batch
+        aligner, speculative=parse_speculative(args.speculative), max_rows=args.max_rows
     )
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -129,7 +130,7 @@ async def drive(args: argparse.Namespace, url: str) -> dict[str, Any]:
         "max_tokens": args.max_tokens,
         "endpoint": args.endpoint,
         "speculative": args.speculative,
-        "max_batch": args.max_batch,
+        "max_rows": args.max_rows,
         "wall_s": round(wall, 2),
         "requests_per_s": round(len(latencies) / wall, 3),
         "completion_tokens_per_s": round(tokens / wall, 1),
@@ -160,8 +161,8 @@ def main() -> None:
         return
     print(
         f"{result['completed']}/{result['requests']} requests from {result['clients']} concurrent "
-        f"clients ({result['endpoint']}, max_tokens {result['max_tokens']}, max batch "
-        f"{result['max_batch']}, speculative {result['speculative']}) in {result['wall_s']} s"
+        f"clients ({result['endpoint']}, max_tokens {result['max_tokens']}, max rows "
+        f"{result['max_rows']}, speculative {result['speculative']}) in {result['wall_s']} s"
     )
     print("| requests/s | completion tokens/s | p50 latency (s) | p99 latency (s) |")
     print("|---|---|---|---|")

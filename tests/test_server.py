@@ -6,22 +6,20 @@ from __future__ import annotations
 
 import asyncio
 import json
-import socket
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from types import SimpleNamespace
 from typing import Any
 
 import httpx
 import openai
 import pytest
-import uvicorn
 from hypothesis import HealthCheck, given, settings
 
 import kad
-from kad.server import KadOptions, create_app, resolve_rule
+from kad.serve.app import create_app
+from kad.serve.schema import KadOptions, resolve_rule
+from tests.serving import RecordingAligner, serving
 
 PROMPT = "Tom has 3 apples"
 CHAT = [
@@ -30,55 +28,15 @@ CHAT = [
 ]
 
 
-class RecordingAligner:
-    """The real aligner, keeping every session it starts (to see what the server cancelled)."""
-
-    def __init__(self, aligner: Any) -> None:
-        self.aligner = aligner
-        self.sessions: list[Any] = []
-
-    def encode_prompts(self, prompts: Any) -> dict[str, list[list[int]]]:
-        return self.aligner.encode_prompts(prompts)
-
-    @property
-    def runtime(self) -> Any:
-        return self.aligner.runtime
-
-    def start(self, prompts: Any, **kwargs: Any) -> Any:
-        session = self.aligner.start(prompts, **kwargs)
-        self.sessions.append(session)
-        return session
-
-
-@contextmanager
-def serving(app: Any) -> Iterator[str]:
-    """Run `app` under uvicorn on a free loopback port in a thread; yield its base URL."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.bind(("127.0.0.1", 0))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 30
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
-        time.sleep(0.02)
-    try:
-        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        sock.close()
-
-
 @pytest.fixture(scope="module")
 def served(tiny_dirs: SimpleNamespace) -> Iterator[SimpleNamespace]:
     full = kad.Aligner.from_pretrained(
         str(tiny_dirs.base), str(tiny_dirs.proxy), str(tiny_dirs.proxy_base)
     )
     aligner = RecordingAligner(full)
-    app = create_app(aligner, max_batch=16)
+    app = create_app(aligner, max_rows=16)
     with serving(app) as url:
-        yield SimpleNamespace(url=url, aligner=aligner, scheduler=app.state.scheduler)
+        yield SimpleNamespace(url=url, aligner=aligner, worker=app.state.worker)
 
 
 @pytest.fixture(scope="module")
@@ -95,7 +53,7 @@ def test_models_and_health(served: SimpleNamespace, client: openai.OpenAI) -> No
     assert [m.id for m in client.models.list().data] == ["kad"]
     assert client.models.retrieve("kad").id == "kad"
     health = httpx.get(f"{served.url}/health").json()
-    assert health["status"] == "ok" and health["max_batch"] == 16
+    assert health["status"] == "ok" and health["max_rows"] == 16
 
 
 def test_completion_equals_generate(client: openai.OpenAI, tiny_aligner: kad.Aligner) -> None:
@@ -211,39 +169,35 @@ def test_stream_is_server_sent_events_ending_with_done(served: SimpleNamespace) 
     assert json.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "length"
 
 
-def test_64_concurrent_greedy_clients_equal_requests_run_alone(
+def test_64_concurrent_clients_with_their_own_parameters_equal_requests_run_alone(
     served: SimpleNamespace, tiny_aligner: kad.Aligner
 ) -> None:
-    """Mixed completions/chats, max_tokens (one budget per row of a batch) and speculation
-    (separate batches); none lost."""
-    before = len(served.aligner.sessions)
+    """Mixed completions/chats, max_tokens, λ, temperature (seeded) and speculation, all in one
+    running batch: every answer equals the request decoded alone; none lost."""
     requests = []
     for i in range(64):
-        kad_opts = {"speculative": 2} if i % 3 == 0 else {}
+        lam = (0.3, 0.4, 0.5)[i % 3]
+        sampled = i % 5 == 2
+        kad_opts = {"lam": lam, **({"speculative": 2} if i % 3 == 0 and not sampled else {})}
+        sampling = {"temperature": 0.8, "seed": i} if sampled else {"temperature": 0}
         max_tokens = 6 if i % 2 else 8
         if i % 4 == 1:
             messages = [{"role": "user", "content": f"Question {i}: what is {i} times 6?"}]
-            requests.append(("chat", messages, max_tokens, kad_opts))
+            requests.append(("chat", messages, max_tokens, kad_opts, sampling))
         else:
-            requests.append(("text", f"Tom has {i} apples and buys", max_tokens, kad_opts))
+            requests.append(
+                ("text", f"Tom has {i} apples and buys", max_tokens, kad_opts, sampling)
+            )
 
     async def run_all() -> list[str]:
         client = openai.AsyncOpenAI(base_url=f"{served.url}/v1", api_key="unused", max_retries=0)
 
-        async def one(kind: str, prompt: Any, max_tokens: int, kad_opts: dict) -> str:
-            extra = {"kad": kad_opts}
+        async def one(kind: str, prompt: Any, max_tokens: int, kad_opts: dict, sampling) -> str:
+            common = {"model": "kad", "max_tokens": max_tokens, "extra_body": {"kad": kad_opts}}
             if kind == "chat":
-                r = await client.chat.completions.create(
-                    model="kad",
-                    messages=prompt,
-                    max_tokens=max_tokens,
-                    temperature=0,
-                    extra_body=extra,
-                )
+                r = await client.chat.completions.create(messages=prompt, **common, **sampling)
                 return r.choices[0].message.content
-            r = await client.completions.create(
-                model="kad", prompt=prompt, max_tokens=max_tokens, temperature=0, extra_body=extra
-            )
+            r = await client.completions.create(prompt=prompt, **common, **sampling)
             return r.choices[0].text
 
         async with client:
@@ -251,10 +205,17 @@ def test_64_concurrent_greedy_clients_equal_requests_run_alone(
 
     answers = asyncio.run(run_all())
     assert len(answers) == 64
-    for (_, prompt, max_tokens, _), answer in zip(requests, answers, strict=True):
-        assert answer == alone(tiny_aligner, prompt, max_new_tokens=max_tokens).text
-    load = served.scheduler.load()
-    assert 1 < load["peak_rows"] <= 16  # they were batched, within --max-batch
+    for (_, prompt, max_tokens, kad_opts, sampling), answer in zip(requests, answers, strict=True):
+        want = alone(
+            tiny_aligner,
+            prompt,
+            rule=kad.Dual(lam=kad_opts["lam"]),
+            max_new_tokens=max_tokens,
+            **sampling,
+        )
+        assert answer == want.text
+    load = served.worker.load()
+    assert 1 < load["peak_rows"] <= 16  # they were batched, within --max-rows
     assert load["running_rows"] == 0 and load["waiting_requests"] == 0
 
 
@@ -265,9 +226,9 @@ def test_disconnect_mid_stream_frees_the_slot(served: SimpleNamespace) -> None:
         assert first.startswith("data: ")
         session = served.aligner.sessions[-1]
     deadline = time.monotonic() + 10
-    while served.scheduler.load()["running_rows"] and time.monotonic() < deadline:
+    while served.worker.load()["running_rows"] and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert served.scheduler.load()["running_rows"] == 0
+    assert served.worker.load()["running_rows"] == 0
     (generation,) = session.results()
     assert generation.finish_reason == "cancelled" and len(generation.token_ids) < 200
     answer = httpx.post(
@@ -383,7 +344,7 @@ def test_schemathesis_finds_no_server_error(served: SimpleNamespace) -> None:
 
 
 def test_serve_command_rejects_half_a_pair_before_loading() -> None:
-    from kad.server import serve_command
+    from kad.serve.command import serve_command
 
     with pytest.raises(kad.KadError, match="both --base and --proxy"):
         serve_command(base="some/base", proxy=None)
@@ -391,7 +352,7 @@ def test_serve_command_rejects_half_a_pair_before_loading() -> None:
 
 def test_builtin_pair_serves_chat_and_streams() -> None:
     """`kad serve` without --base/--proxy: the built-in pair, as the README shows it."""
-    from kad.server import load_aligner
+    from kad.serve.command import load_aligner
 
     try:
         reference = load_aligner(None, None)
@@ -413,34 +374,38 @@ def test_builtin_pair_serves_chat_and_streams() -> None:
     assert response.choices[0].message.content == expected.text == streamed
 
 
-def test_static_runners_serve_concurrent_sessions(
-    tiny_dirs: SimpleNamespace, tiny_aligner: kad.Aligner
-) -> None:
-    """The server over the static-cache path (fast=True, eager on CPU): sessions that run side
-    by side never share runners, finished rows wait in the batch, and every answer equals the
-    request decoded alone on the engine's path."""
-    fast = kad.Aligner.from_pretrained(str(tiny_dirs.base), str(tiny_dirs.proxy), fast=True)
-    recorded = RecordingAligner(fast)
-    app = create_app(recorded, max_batch=8)
-    requests = [(f"Tom has {i} apples and buys", 3 + i % 5) for i in range(24)]
-    with serving(app) as url:
+def test_random_init_serves_text(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kad serve --random-init`: a random-weight preset pair with the built-in tokenizer answers
+    HTTP text. The real presets (1B parameters and up) are too slow to build on a CPU: a tiny
+    Llama preset of the same shape of config stands in for them."""
+    from fastapi.testclient import TestClient
 
-        async def run_all() -> list[str]:
-            client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+    from kad.fast import presets
+    from kad.serve.command import random_aligner
 
-            async def one(prompt: str, max_tokens: int) -> str:
-                r = await client.completions.create(
-                    model="kad", prompt=prompt, max_tokens=max_tokens, temperature=0
-                )
-                return r.choices[0].text
-
-            async with client:
-                return await asyncio.gather(*(one(*r) for r in requests))
-
-        answers = asyncio.run(run_all())
-    for (prompt, max_tokens), answer in zip(requests, answers, strict=True):
-        assert answer == alone(tiny_aligner, prompt, max_new_tokens=max_tokens).text
-    sessions = recorded.sessions
-    assert all(s.fused for s in sessions) and len(sessions) > 1
-    runner_ids = [id(s.runners["base"]) for s in sessions]
-    assert len(set(runner_ids)) < len(runner_ids)  # a finished session's runners were reused
+    tiny = dict(
+        presets.PRESETS["llama3.2-1b"],
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        max_position_embeddings=512,
+    )
+    monkeypatch.setitem(presets.PRESETS, "tiny-base", tiny)
+    monkeypatch.setitem(presets.PRESETS, "tiny-proxy", {**tiny, "num_hidden_layers": 1})
+    monkeypatch.setitem(presets.PAIRS, "tiny-base", "tiny-proxy")
+    try:
+        aligner = random_aligner("tiny-base", device="cpu")
+    except kad.ModelNotFoundError:
+        pytest.skip("the built-in pair is not built")
+    assert aligner.members["base"].model.config.num_hidden_layers == 2
+    assert aligner.members["proxy"].model.config.num_hidden_layers == 1
+    with TestClient(create_app(aligner)) as client:
+        body = {"model": "kad", "max_tokens": 5, "temperature": 0}
+        chat = client.post("/v1/chat/completions", json={**body, "messages": CHAT})
+        completion = client.post("/v1/completions", json={**body, "prompt": PROMPT})
+    assert chat.status_code == completion.status_code == 200, (chat.text, completion.text)
+    assert completion.json()["usage"]["completion_tokens"] == 5
+    assert isinstance(chat.json()["choices"][0]["message"]["content"], str)

@@ -91,7 +91,7 @@ class LazyCommand:
 
 LAZY_COMMANDS: dict[str, LazyCommand] = {
     "serve": LazyCommand(
-        "kad.server:serve_command",
+        "kad.serve.command:serve_command",
         "Serve a KAD-aligned pair behind an OpenAI-compatible API (completions and chat).",
     ),
     "bench": LazyCommand(

@@ -1,0 +1,226 @@
+"""`kad serve`: load a pair (or build a random-weight one) and serve it with uvicorn."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from kad.errors import KadError
+from kad.rules import LOSSES, RULE_NAMES, make_rule
+from kad.serve.app import MAX_BODY_BYTES, MAX_PROMPT_CHARS, create_app
+from kad.speculative import parse_speculative
+
+
+def load_aligner(
+    base: str | None,
+    proxy: str | None,
+    proxy_base: str | None = None,
+    *,
+    dtype: str | None = None,
+    device: str | None = None,
+    fast: bool | None = None,
+    max_rows: int | None = None,
+    max_context: int | None = None,
+    memory_fraction: float | None = None,
+) -> Any:
+    """The pair to serve: the models given, or the built-in pair (with its proxy base, and the
+    base reading questions as web text) when neither --base nor --proxy is. max_rows,
+    max_context and memory_fraction size the runtime's pools (None: its defaults)."""
+    from kad.aligner import Aligner
+
+    if (base is None) != (proxy is None):
+        raise KadError("give both --base and --proxy, or neither (to serve the built-in pair)")
+    sizes = {"max_rows": max_rows, "max_context": max_context, "memory_fraction": memory_fraction}
+    if base is not None:
+        return Aligner.from_pretrained(
+            base, proxy, proxy_base, dtype=dtype, device=device, fast=fast, **sizes
+        )
+    from kad.world import builtin_aligner
+
+    return builtin_aligner(
+        proxy_base=proxy_base or True, dtype=dtype, device=device, fast=fast, **sizes
+    )
+
+
+def random_aligner(
+    spec: str, *, dtype: str | None = None, device: str | None = None, fast: bool | None = None
+) -> Any:
+    """A pair of random-weight presets, ``BASE[:PROXY]`` as `kad bench --random-init` reads it
+    (the proxy defaults to the family's small model), for load tests: the built-in pair's
+    tokenizer turns HTTP text into ids and back, and the text decoded is noise."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from kad.aligner import Aligner, Member
+    from kad.fast.presets import parse_pair, random_model
+    from kad.models import PromptRenderer, resolve_device, resolve_dtype
+    from kad.world import builtin_paths
+
+    base_name, proxy_name = parse_pair(spec)
+    target = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, target)
+    tokenizer = AutoTokenizer.from_pretrained(builtin_paths().proxy)
+    torch.manual_seed(0)
+    base = random_model(base_name, device=target, dtype=torch_dtype)
+    proxy = random_model(proxy_name, device=target, dtype=torch_dtype)
+    return Aligner(
+        Member(base, tokenizer, PromptRenderer(tokenizer, False)),
+        Member(proxy, tokenizer, PromptRenderer(tokenizer, True)),
+        fast=fast,
+    )
+
+
+def set_cpu_threads(aligner: Any, threads: int | None = None) -> None:
+    """Torch's CPU threads: ``threads``, or all cores but one when the base runs on the CPU.
+
+    Torch's OpenMP threads spin while they wait; on every core they starve the event loop
+    thread that serves HTTP (on 2 cores with 64 clients, 2 threads served 5-20x fewer
+    requests/s than 1; scripts/load_test.py --threads measures it)."""
+    import torch
+
+    if threads is None:
+        if aligner.members["base"].model.device.type != "cpu":
+            return
+        threads = max(1, (os.cpu_count() or 1) - 1)
+    torch.set_num_threads(threads)
+
+
+def server_speculative(value: str | None) -> int | str | None:
+    """--speculative of the server: N ≥ 1, 'auto', or 0 / none (off), as a request's field."""
+    if value is None or value.strip() == "0":
+        return None
+    return parse_speculative(value)
+
+
+def _at_least(name: str, value: float | None, low: float) -> None:
+    if value is not None and value < low:
+        raise KadError(f"{name} must be >= {low}, got {value}")
+
+
+def serve_command(
+    base: Annotated[
+        str | None,
+        typer.Option(help="Base model: local dir, .gguf file or Hub id (default: built-in pair)."),
+    ] = None,
+    proxy: Annotated[
+        str | None, typer.Option(help="Aligned proxy model (default: built-in pair).")
+    ] = None,
+    proxy_base: Annotated[
+        str | None, typer.Option(help="The proxy's unaligned base (implicit reward).")
+    ] = None,
+    random_init: Annotated[
+        str | None,
+        typer.Option(
+            "--random-init",
+            help="Serve BASE[:PROXY] presets with random weights, for load tests (e.g. "
+            "llama3-8b; the built-in pair's tokenizer; the text is noise).",
+        ),
+    ] = None,
+    rule: Annotated[str, typer.Option(help=f"Default rule: {', '.join(RULE_NAMES)}.")] = "dual",
+    lam: Annotated[float | None, typer.Option(help="Threshold λ of dual and nudging.")] = None,
+    budget: Annotated[float | None, typer.Option(help="Budget b of primal.")] = None,
+    beta: Annotated[float | None, typer.Option(help="β of implicit reward.")] = None,
+    mu: Annotated[
+        float | None, typer.Option(help="Threshold μ of dual with a non-nll loss.")
+    ] = None,
+    loss: Annotated[
+        str, typer.Option(help=f"Loss of dual and primal: {', '.join(LOSSES)}.")
+    ] = "nll",
+    speculative: Annotated[
+        str | None,
+        typer.Option(help="Default draft length γ (proxy as drafter), 'auto', or 0 (off)."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    max_rows: Annotated[
+        int,
+        typer.Option(help="Most sequences decoded at once (also a request's limit: prompts × n)."),
+    ] = 16,
+    max_context: Annotated[
+        int | None,
+        typer.Option(
+            help="Most tokens a sequence holds, prompt and output (default: the model's)."
+        ),
+    ] = None,
+    memory_fraction: Annotated[
+        float | None,
+        typer.Option(help="Share of the accelerator's memory the KV caches may take, in (0, 1]."),
+    ] = None,
+    max_body_bytes: Annotated[
+        int, typer.Option(help="Largest request body in bytes (413 above).")
+    ] = MAX_BODY_BYTES,
+    max_prompt_chars: Annotated[
+        int, typer.Option(help="Longest prompt (a chat's text) in characters (400 above).")
+    ] = MAX_PROMPT_CHARS,
+    model_name: Annotated[str, typer.Option(help="The model id clients send.")] = "kad",
+    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
+    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
+    fast: Annotated[
+        bool | None,
+        typer.Option(
+            "--fast/--no-fast", help="Static KV caches and CUDA graphs (default: on a GPU)."
+        ),
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="Torch CPU threads (default on CPU: all cores but one, for HTTP)."),
+    ] = None,
+) -> None:
+    """Serve a KAD-aligned pair behind an OpenAI-compatible API (completions and chat)."""
+    import uvicorn
+
+    if random_init is not None and (base or proxy or proxy_base):
+        raise KadError("give either --random-init or model paths, not both")
+    if (base is None) != (proxy is None):
+        raise KadError("give both --base and --proxy, or neither (to serve the built-in pair)")
+    chosen = make_rule(rule, lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
+    gamma = server_speculative(speculative)
+    for name, value in (
+        ("--max-rows", max_rows),
+        ("--max-context", max_context),
+        ("--max-body-bytes", max_body_bytes),
+        ("--max-prompt-chars", max_prompt_chars),
+        ("--threads", threads),
+    ):
+        _at_least(name, value, 1)
+    if memory_fraction is not None and not 0 < memory_fraction <= 1:
+        raise KadError(f"--memory-fraction must be in (0, 1], got {memory_fraction}")
+    if chosen.needs_proxy_base and proxy_base is None and base is not None:
+        raise KadError(f"the {chosen.name} rule needs the proxy's unaligned base: add --proxy-base")
+    if random_init is not None:
+        if chosen.needs_proxy_base:
+            raise KadError(f"--random-init builds no proxy base for the {chosen.name} rule")
+        aligner = random_aligner(random_init, dtype=dtype, device=device, fast=fast)
+        pair = f"random-weight {random_init}"
+    else:
+        aligner = load_aligner(
+            base,
+            proxy,
+            proxy_base,
+            dtype=dtype,
+            device=device,
+            fast=fast,
+            max_rows=max_rows,
+            max_context=max_context,
+            memory_fraction=memory_fraction,
+        )
+        pair = (
+            "the built-in pair"
+            if base is None
+            else f"{Path(proxy).name} steering {Path(base).name}"
+        )
+    set_cpu_threads(aligner, threads)
+    app = create_app(
+        aligner,
+        rule=chosen,
+        speculative=gamma,
+        model_id=model_name,
+        max_rows=max_rows,
+        max_body_bytes=max_body_bytes,
+        max_prompt_chars=max_prompt_chars,
+    )
+    typer.echo(f"serving {model_name!r} ({pair}) at http://{host}:{port}/v1")
+    uvicorn.run(app, host=host, port=port, log_level="info")
