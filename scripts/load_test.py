@@ -1,14 +1,18 @@
-"""Load test of `kad serve`: C concurrent clients, each sending requests back to back.
+"""Load test of `kad serve` through real HTTP: C concurrent clients, requests back to back.
 
-By default it starts the server in-process on a free loopback port with the built-in pair (or
---base/--proxy), then drives it with the official `openai` async client and reports requests/s,
-completion tokens/s and the p50/p99 latency of whole (non-streamed) requests:
+It starts the server in-process on a free loopback port (the built-in pair, --base/--proxy, or
+--random-init PRESET for a random-weight preset pair on the GPU), captures the runtime's graphs,
+then drives it with the official `openai` async client, streaming, and reports completion
+tokens/s, time to first token (p50/p99) and whole-request latency (p50/p99). Each request's
+max_tokens is drawn uniformly from [--min-tokens, --max-tokens]; --mixed gives each request its
+own λ ∈ {0.3, 0.4, 0.5} and temperature ∈ {0, 0.8}. --static also decodes one static batch of
+--clients rows × the mean max_tokens with the same runtime (`Aligner.generate`), the reference
+of the continuous-batching target.
 
-    python scripts/load_test.py --clients 64 --requests 256 --max-tokens 32
+    python scripts/load_test.py --random-init llama3-8b --clients 64 --requests 512 \\
+        --min-tokens 32 --max-tokens 256 --max-rows 64 --max-context 512 --mixed --static
 
---url http://host:port points it at a server that is already running instead. The clients run
-in the same process as an in-process server and share its CPUs: the figures are for the whole
-machine.
+--url http://host:port drives a server that is already running instead (no --static then).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import asyncio
 import json
 import os
 import platform
+import random
 import socket
 import statistics
 import sys
@@ -35,28 +40,41 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--url", help="an already running server (default: start one here)")
     parser.add_argument("--base", help="base model (default: the built-in pair)")
     parser.add_argument("--proxy", help="aligned proxy (default: the built-in pair)")
+    parser.add_argument("--random-init", help="a random-weight preset pair, e.g. llama3-8b")
     parser.add_argument("--clients", type=int, default=64, help="concurrent clients")
     parser.add_argument("--requests", type=int, default=256, help="requests in all")
-    parser.add_argument("--max-tokens", type=int, default=32, help="max_tokens of each request")
+    parser.add_argument("--min-tokens", type=int, default=32, help="least max_tokens")
+    parser.add_argument("--max-tokens", type=int, default=32, help="most max_tokens")
     parser.add_argument("--max-rows", type=int, default=16, help="the server's --max-rows")
-    parser.add_argument("--endpoint", choices=["chat", "completions"], default="chat")
-    parser.add_argument(
-        "--speculative", default=None, help="draft length γ or 'auto' (default off)"
-    )
-    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--max-context", type=int, help="the server's --max-context")
+    parser.add_argument("--endpoint", choices=["chat", "completions"], default="completions")
+    parser.add_argument("--speculative", default=None, help="γ or 'auto' (default off)")
+    parser.add_argument("--mixed", action="store_true", help="each request its own λ and T")
+    parser.add_argument("--static", action="store_true", help="also time a static batch")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as kad serve)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser.parse_args()
 
 
-def start_server(args: argparse.Namespace) -> tuple[str, uvicorn.Server, threading.Thread]:
+def load(args: argparse.Namespace) -> Any:
+    from kad.serve.command import load_aligner, set_cpu_threads
+
+    pool = {"max_rows": args.max_rows, "max_context": args.max_context}
+    if args.random_init:
+        from kad.fast.presets import random_aligner
+
+        aligner = random_aligner(args.random_init, device="cuda", dtype=torch.bfloat16, **pool)
+    else:
+        aligner = load_aligner(args.base, args.proxy, **pool)
+    set_cpu_threads(aligner, args.threads)
+    return aligner
+
+
+def start_server(args: argparse.Namespace, aligner: Any) -> tuple[str, Any, threading.Thread]:
     """The app on a free 127.0.0.1 port, in a background thread."""
     from kad.serve.app import create_app
-    from kad.serve.command import load_aligner, set_cpu_threads
     from kad.speculative import parse_speculative
 
-    aligner = load_aligner(args.base, args.proxy, max_rows=args.max_rows)
-    set_cpu_threads(aligner, args.threads)
     app = create_app(
         aligner, speculative=parse_speculative(args.speculative), max_rows=args.max_rows
     )
@@ -79,99 +97,129 @@ def prompts(count: int) -> list[str]:
     return [str(problem["question"]) for problem in heldout_problems(count, "dev")]
 
 
-async def drive(args: argparse.Namespace, url: str) -> dict[str, Any]:
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+async def drive(args: argparse.Namespace, url: str, count: int) -> dict[str, Any]:
+    """``count`` streamed requests from ``args.clients`` clients; figures of the whole run."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
-    questions = prompts(args.requests)
+    questions = prompts(count)
+    rng = random.Random(0)
+    plans = [
+        {
+            "max_tokens": rng.randint(args.min_tokens, args.max_tokens),
+            "temperature": rng.choice((0.0, 0.8)) if args.mixed else 0.0,
+            "seed": i,
+            "extra_body": {"kad": {"lam": rng.choice((0.3, 0.4, 0.5))}} if args.mixed else {},
+        }
+        for i in range(count)
+    ]
     queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(args.requests):
+    for i in range(count):
         queue.put_nowait(i)
+    first_token: list[float] = []
     latencies: list[float] = []
-    tokens = 0
-    failures = 0
+    tokens = failures = 0
 
     async def one(i: int) -> None:
         nonlocal tokens
-        common = {"model": "kad", "max_tokens": args.max_tokens, "temperature": args.temperature}
+        start = time.perf_counter()
+        common = {"model": "kad", "stream": True, "stream_options": {"include_usage": True}}
         if args.endpoint == "chat":
             messages = [{"role": "user", "content": questions[i]}]
-            response = await client.chat.completions.create(messages=messages, **common)
+            stream = await client.chat.completions.create(messages=messages, **common, **plans[i])
         else:
-            response = await client.completions.create(prompt=questions[i], **common)
-        tokens += response.usage.completion_tokens
+            stream = await client.completions.create(prompt=questions[i], **common, **plans[i])
+        seen = False
+        async for chunk in stream:
+            if not seen and chunk.choices:
+                first_token.append(time.perf_counter() - start)
+                seen = True
+            if chunk.usage is not None:
+                tokens += chunk.usage.completion_tokens
+        latencies.append(time.perf_counter() - start)
 
     async def worker() -> None:
         nonlocal failures
         while not queue.empty():
             i = queue.get_nowait()
-            start = time.perf_counter()
             try:
                 await one(i)
             except openai.OpenAIError as error:
                 failures += 1
                 print(f"request {i} failed: {error}", file=sys.stderr)
-                continue
-            latencies.append(time.perf_counter() - start)
 
     async with client:
-        await one(0)  # warm-up, not counted
-        tokens = 0
-        load_before = os.getloadavg()[0]
         start = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(args.clients)))
         wall = time.perf_counter() - start
-        load_after = os.getloadavg()[0]
-    latencies.sort()
-    p99 = latencies[min(len(latencies) - 1, round(0.99 * (len(latencies) - 1)))]
     return {
-        "clients": args.clients,
-        "requests": args.requests,
+        "requests": count,
         "completed": len(latencies),
         "failed": failures,
-        "max_tokens": args.max_tokens,
-        "endpoint": args.endpoint,
-        "speculative": args.speculative,
-        "max_rows": args.max_rows,
         "wall_s": round(wall, 2),
-        "requests_per_s": round(len(latencies) / wall, 3),
         "completion_tokens_per_s": round(tokens / wall, 1),
-        "p50_latency_s": round(statistics.median(latencies), 3),
-        "p99_latency_s": round(p99, 3),
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
-        f"torch {torch.__version__}, {torch.get_num_threads()} threads",
-        "load_average_1min": [load_before, load_after],
+        "ttft_p50_s": round(statistics.median(first_token), 3),
+        "ttft_p99_s": round(percentile(first_token, 0.99), 3),
+        "latency_p50_s": round(statistics.median(latencies), 3),
+        "latency_p99_s": round(percentile(latencies, 0.99), 3),
     }
+
+
+def static_batch(args: argparse.Namespace, aligner: Any) -> dict[str, Any]:
+    """One static batch of ``clients`` rows × the mean max_tokens through the same runtime."""
+    tokens = (args.min_tokens + args.max_tokens) // 2
+    questions = prompts(args.clients)
+    aligner.generate(questions, max_new_tokens=8)  # warm
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = aligner.generate(questions, max_new_tokens=tokens, speculative=None)
+    wall = time.perf_counter() - start
+    made = sum(len(g.token_ids) for g in out)
+    return {"rows": args.clients, "tokens": made, "tokens_per_s": round(made / wall, 1)}
 
 
 def main() -> None:
     args = parse_args()
-    if (args.base is None) != (args.proxy is None):
-        sys.exit("give both --base and --proxy, or neither (the built-in pair)")
-    server = None
+    result: dict[str, Any] = {
+        "clients": args.clients,
+        "tokens": [args.min_tokens, args.max_tokens],
+        "mixed": args.mixed,
+        "speculative": args.speculative,
+        "max_rows": args.max_rows,
+        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
+        f"torch {torch.__version__}"
+        + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
+    }
+    server = thread = None
     url = args.url
     if url is None:
-        url, server, thread = start_server(args)
+        aligner = load(args)
+        started = time.perf_counter()
+        gammas = range(9) if args.speculative == "auto" else (0, int(args.speculative or 0))
+        result["graphs"] = aligner.runtime.capture(sorted(set(gammas)))
+        result["capture_s"] = round(time.perf_counter() - started, 1)
+        if args.static:
+            result["static"] = static_batch(args, aligner)
+        url, server, thread = start_server(args, aligner)
     try:
-        result = asyncio.run(drive(args, url))
+        asyncio.run(drive(args, url, args.clients))  # warm-up pass, not counted
+        result.update(asyncio.run(drive(args, url, args.requests)))
     finally:
         if server is not None:
             server.should_exit = True
             thread.join(timeout=30)
+    if "static" in result:
+        result["share_of_static"] = round(
+            result["completion_tokens_per_s"] / result["static"]["tokens_per_s"], 3
+        )
     if args.json:
         print(json.dumps(result, indent=2))
         return
-    print(
-        f"{result['completed']}/{result['requests']} requests from {result['clients']} concurrent "
-        f"clients ({result['endpoint']}, max_tokens {result['max_tokens']}, max rows "
-        f"{result['max_rows']}, speculative {result['speculative']}) in {result['wall_s']} s"
-    )
-    print("| requests/s | completion tokens/s | p50 latency (s) | p99 latency (s) |")
-    print("|---|---|---|---|")
-    print(
-        f"| {result['requests_per_s']} | {result['completion_tokens_per_s']} | "
-        f"{result['p50_latency_s']} | {result['p99_latency_s']} |"
-    )
-    before, after = result["load_average_1min"]
-    print(f"machine: {result['machine']}; 1-min load average {before:.1f} -> {after:.1f}")
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import openai
 import pytest
+import torch
 from hypothesis import HealthCheck, given, settings
 
 import kad
@@ -381,7 +382,7 @@ def test_random_init_serves_text(monkeypatch: pytest.MonkeyPatch) -> None:
     from fastapi.testclient import TestClient
 
     from kad.fast import presets
-    from kad.serve.command import random_aligner
+    from kad.fast.presets import random_aligner
 
     tiny = dict(
         presets.PRESETS["llama3.2-1b"],
@@ -397,7 +398,7 @@ def test_random_init_serves_text(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(presets.PRESETS, "tiny-proxy", {**tiny, "num_hidden_layers": 1})
     monkeypatch.setitem(presets.PAIRS, "tiny-base", "tiny-proxy")
     try:
-        aligner = random_aligner("tiny-base", device="cpu")
+        aligner = random_aligner("tiny-base", device="cpu", dtype=torch.float32, max_rows=4)
     except kad.ModelNotFoundError:
         pytest.skip("the built-in pair is not built")
     assert aligner.members["base"].model.config.num_hidden_layers == 2

@@ -280,6 +280,18 @@ class Runtime:
             costs = _bytes(proxy), _bytes(base)
         self.auto.update(sum(accepted) / judged, *costs)
 
+    @torch.inference_mode()
+    def capture(self, gammas: Seq[int] = (0,)) -> int:
+        """Capture the rounds of every batch bucket for these draft lengths now (at start-up)
+        rather than on first use; returns how many graphs exist. A no-op off the GPU path."""
+        if not self.graphed:
+            return 0
+        runners = {r: x for r, x in self.runners.items() if r != "proxy_base"}
+        for gamma in gammas:
+            for batch in sorted({bucket(b, self.rows) for b in range(1, self.rows + 1)}):
+                self._graph(batch, gamma, runners)
+        return len(self.graphs)
+
     def _graph(self, batch: int, gamma: int, runners: dict[str, Runner]) -> Graph:
         """The captured round for this bucket, γ and set of models (captured on first use)."""
         key = (batch, gamma, "proxy_base" in runners)

@@ -45,34 +45,6 @@ def load_aligner(
     )
 
 
-def random_aligner(
-    spec: str, *, dtype: str | None = None, device: str | None = None, fast: bool | None = None
-) -> Any:
-    """A pair of random-weight presets, ``BASE[:PROXY]`` as `kad bench --random-init` reads it
-    (the proxy defaults to the family's small model), for load tests: the built-in pair's
-    tokenizer turns HTTP text into ids and back, and the text decoded is noise."""
-    import torch
-    from transformers import AutoTokenizer
-
-    from kad.aligner import Aligner, Member
-    from kad.fast.presets import parse_pair, random_model
-    from kad.models import PromptRenderer, resolve_device, resolve_dtype
-    from kad.world import builtin_paths
-
-    base_name, proxy_name = parse_pair(spec)
-    target = resolve_device(device)
-    torch_dtype = resolve_dtype(dtype, target)
-    tokenizer = AutoTokenizer.from_pretrained(builtin_paths().proxy)
-    torch.manual_seed(0)
-    base = random_model(base_name, device=target, dtype=torch_dtype)
-    proxy = random_model(proxy_name, device=target, dtype=torch_dtype)
-    return Aligner(
-        Member(base, tokenizer, PromptRenderer(tokenizer, False)),
-        Member(proxy, tokenizer, PromptRenderer(tokenizer, True)),
-        fast=fast,
-    )
-
-
 def set_cpu_threads(aligner: Any, threads: int | None = None) -> None:
     """Torch's CPU threads: ``threads``, or all cores but one when the base runs on the CPU.
 
@@ -193,7 +165,19 @@ def serve_command(
     if random_init is not None:
         if chosen.needs_proxy_base:
             raise KadError(f"--random-init builds no proxy base for the {chosen.name} rule")
-        aligner = random_aligner(random_init, dtype=dtype, device=device, fast=fast)
+        from kad.fast.presets import random_aligner
+        from kad.models import resolve_device, resolve_dtype
+
+        target = resolve_device(device)
+        aligner = random_aligner(
+            random_init,
+            device=target,
+            dtype=resolve_dtype(dtype, target),
+            fast=fast,
+            max_rows=max_rows,
+            max_context=max_context,
+            memory_fraction=memory_fraction,
+        )
         pair = f"random-weight {random_init}"
     else:
         aligner = load_aligner(
