@@ -90,17 +90,15 @@ def compiled_uniforms() -> Callable:
 
 def mark_step_dynamic(
     x: torch.Tensor,
-    caches: Iterable[torch.Tensor],
     cols: torch.Tensor,
     rope: Iterable[torch.Tensor],
     mask: torch.Tensor,
 ) -> None:
-    """Mark the batch and token dimensions of a step's inputs dynamic (the rest stays static)."""
+    """Mark the batch and token dimensions of a step's inputs dynamic (the rest, the pool's
+    caches included, stays static)."""
     mark = torch._dynamo.maybe_mark_dynamic
     mark(x, 0)
     mark(x, 1)
-    for cache in caches:
-        mark(cache, 0)
     mark(cols, 0)
     mark(cols, 1)
     for table in rope:

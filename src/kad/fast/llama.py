@@ -249,12 +249,14 @@ def layer_forward(
     sin: torch.Tensor,
     mask: torch.Tensor,
     arch: Arch,
+    start: int = 0,
 ) -> torch.Tensor:
-    """One decoder layer: x ``[B, n, E]`` -> ``[B, n, E]``.
+    """One decoder layer: x ``[B, n, E]`` -> ``[B, n, E]``, for the pool rows start..start+B−1.
 
-    Writes this step's keys and values into k_cache/v_cache ``[B, Hkv, S, D]`` at each row's
-    columns ``cols`` ``[B, n]``, then attends over the columns that ``mask`` ``[B, 1, 1, n, S]``
-    shows.
+    Writes this step's keys and values into the pool's k_cache/v_cache ``[R, Hkv, S, D]`` at each
+    row's columns ``cols`` ``[B, n]`` (in place, on the whole pool tensor: a compiled step then
+    writes only those columns), then attends over the first W columns of its rows that ``mask``
+    ``[B, 1, 1, n, W]`` shows.
     cos/sin ``[B, 1, n, D]`` are the RoPE tables at each token's position.
     """
     batch, n, _ = x.shape
@@ -270,10 +272,13 @@ def layer_forward(
         q, k = rms_norm(q, w.q_norm, eps, wf), rms_norm(k, w.k_norm, eps, wf)
     q = rope(q.transpose(1, 2), cos, sin)  # [B, H, n, D]
     k = rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, n, D]
-    index = cols[:, None, :, None].expand(-1, arch.kv_heads, -1, arch.head_dim)  # [B, Hkv, n, D]
-    k_cache.scatter_(2, index, k)
-    v_cache.scatter_(2, index, v.transpose(1, 2))
-    attn = linear(attend(q, k_cache, v_cache, mask), w.o)
+    rows = (torch.arange(batch, device=x.device) + start).unsqueeze(-1)  # [B, 1]
+    k_cache[rows, :, cols] = k.transpose(1, 2)  # [B, n, Hkv, D] at (row, column)
+    v_cache[rows, :, cols] = v
+    width = mask.shape[-1]
+    k_rows = k_cache[start : start + batch, :, :width]  # [B, Hkv, W, D] views
+    v_rows = v_cache[start : start + batch, :, :width]
+    attn = linear(attend(q, k_rows, v_rows, mask), w.o)
     if arch.post_norm:
         x = x + rms_norm(attn, w.norm_attn, eps, wf)
         return x + rms_norm(swiglu(x, w), w.norm_mlp, eps, wf)

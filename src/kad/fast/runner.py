@@ -83,11 +83,9 @@ class StaticRunner:
         layer_fn = self.layer_fn if decode else layer_forward
         with static_shapes():
             for layer, k, v in zip(self.net.layers, self.k, self.v, strict=True):
-                k_rows = k[start : start + batch, :, :width]
-                v_rows = v[start : start + batch, :, :width]
                 if decode and self.compiled:
-                    mark_step_dynamic(x, (k_rows, v_rows), cols, (cos, sin), mask)
-                x = layer_fn(x, layer, k_rows, v_rows, cols, cos, sin, mask, arch)
+                    mark_step_dynamic(x, cols, (cos, sin), mask)
+                x = layer_fn(x, layer, k, v, cols, cos, sin, mask, arch, start)
         if not heads:
             return None
         x = rms_norm(x, self.net.norm, arch.eps, arch.weight_first)
