@@ -27,7 +27,7 @@ from kad.runtime.round import decode_round
 from kad.runtime.runner import Runner
 from kad.runtime.scheduler import Runtime
 from kad.runtime.sequence import Request, Sequence
-from kad.sampling import Warp
+from kad.sampling import Warp, counter_uniform
 from kad.speculative import AutoGamma
 
 GREEDY = Warp()
@@ -231,11 +231,18 @@ def random_log_probs(batch: int, positions: int, vocab: int, device: torch.devic
 
 
 def decision_round(
-    rule: Rule, warp: Warp, batch: int, gamma: int, vocab: int, device: torch.device
+    rule: Rule,
+    warp: Warp,
+    batch: int,
+    gamma: int,
+    vocab: int,
+    device: torch.device,
+    only_kind: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """One round of ``batch`` rows of ``rule`` and ``warp`` over fixed random p and q (module
-    doc), called as the runtime calls it: eagerly with only the rule's kind and the warp's cut on
-    a CPU; on a GPU, as captured, with every kind, the cut and the compiled uniforms."""
+    doc), called as the runtime calls it: on a CPU eagerly, with only the rule's formula and the
+    cut only if the warp cuts; on a GPU as captured, with every rule's formula, the cut and the
+    compiled uniforms (``only_kind``: as on a CPU, with the compiled uniforms)."""
     graphed = device.type == "cuda"
     runners: dict[str, Any] = {
         role: FixedRunner(random_log_probs(batch, gamma + 1, vocab, device, seed), graphed)
@@ -245,11 +252,13 @@ def decision_round(
     for slot in range(batch):
         table.write(slot, rule_row(rule), warp.row(), slot, False)
         table.start(slot, {role: 0 for role in runners})
-    if graphed:
-        uniforms = compiled_uniforms()
+    uniforms = compiled_uniforms() if graphed else counter_uniform
+    if graphed and not only_kind:
         return lambda: decode_round(runners, table, batch, gamma, uniforms=uniforms)
-    kinds = [spec_of(rule).kind]
-    return lambda: decode_round(runners, table, batch, gamma, kinds=kinds, cut=warp.cuts)
+    kinds, cut = [spec_of(rule).kind], warp.cuts
+    return lambda: decode_round(
+        runners, table, batch, gamma, kinds=kinds, cut=cut, uniforms=uniforms
+    )
 
 
 def decision_seconds(
