@@ -156,6 +156,7 @@ def bench_batch(
         hf_ids, assisted = peers(pair, prompts, config, table, base_roof, step)
         _free(device)
     pool = prompt_len + n + 2 * (GAMMA_MAX + 1)  # the timed budget and the last round's drafts
+    slow_ids = None
     if config.check and batch == 1:
         step(f"B={batch}: runtime over transformers' forward (dual)")
         slow = runtime_for(
@@ -163,6 +164,7 @@ def bench_batch(
         )
         slow_run = time_runtime(slow, prompts, DUAL, None, n, 0)
         checks["transformers runner dual tokens/s"] = slow_run.tokens / slow_run.seconds
+        slow_ids = slow_run.ids
         del slow
         _free(device)
     runtime = runtime_for(pair.models, pair.vocab_size, batch, pool, tokenizer=pair.tokenizer)
@@ -189,9 +191,9 @@ def bench_batch(
         step(f"B={batch}: {label}")
         run = plain_runs[label] = timed(rule, None, warp)
         table.add(label, run.seconds, run.tokens, plain, tokens_per_round=1.0)
-    if config.check and batch == 1:
+    if slow_ids is not None:
         checks["transformers runner vs compact (dual)"] = agreement(
-            slow_run.ids, plain_runs[DUAL_LABEL].ids
+            slow_ids, plain_runs[DUAL_LABEL].ids
         )
 
     spec_runs: dict[int, DecodeRun] = {}
