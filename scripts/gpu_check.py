@@ -1,12 +1,13 @@
-"""GPU correctness of the fast path: compiled layers + CUDA graphs against the engine.
+"""GPU correctness of the runtime over the compact forward (compiled layers, captured rounds).
 
 In float32 (so that rounding cannot flip a greedy choice) a random-weight pair of one preset
-decodes a batch of two left-padded prompts of different lengths with the engine (transformers'
-forward and cache) and with the fast path (StaticRunner + FastSession: compiled, graphs), plain
-and speculative; the tokens must be equal. It also reports the largest log-prob difference of one
-decode step. Then `kad.Aligner` on the GPU (which picks the fast path itself) must give the
-tokens of `Aligner(fast=False)` on the built-in pair, for every kind of round. Everything goes to
-$OUT/check.json.
+decodes two prompts of different lengths with the runtime over `TransformersRunner`s
+(transformers' forward and cache) and over `StaticRunner`s (compiled, rounds as CUDA graphs),
+plain and speculative; the tokens must be equal (`kad.bench.check.float32_check`, which also
+reports the largest log-prob difference of one decode step). Then `kad.Aligner(fast=None)` on the
+GPU must give the tokens of `Aligner(fast=False)` on the built-in pair, for every kind of round.
+Last, the sampled output distribution of the graphed runtime is compared with the eager one
+(transformers' forward, nothing captured) by chi-square. Everything goes to $OUT/check.json.
 
 Usage: python scripts/gpu_check.py [PRESET ...]   (default: llama3.2-1b)
 """
@@ -20,11 +21,11 @@ from collections import Counter
 from pathlib import Path
 
 import torch
-from kad.engine import DecodeSession, ModelRunner
 
 import kad
-from kad.bench import agreement, decode_ids, float32_check, random_float32_pair
-from kad.fast import FastSession, StaticRunner
+from kad.bench.check import agreement, float32_check
+from kad.bench.loading import random_float32_pair, runtime_for
+from kad.bench.measure import decode_ids
 from kad.fast.graphs import compiled_uniforms
 from kad.sampling import Warp, counter_uniform
 
@@ -33,12 +34,9 @@ from tests.stats import homogeneity_p_value
 
 
 def check(preset: str) -> dict:
-    """A random-weight pair of the preset (two seeds) in float32: `kad.bench.float32_check`."""
-    out = {
-        "preset": preset,
-        "dtype": "float32",
-        **float32_check(*random_float32_pair(preset, "cuda")),
-    }
+    """A random-weight pair of the preset (two seeds) in float32: `float32_check`."""
+    out = {"preset": preset, "dtype": "float32"}
+    out |= float32_check(*random_float32_pair(preset, "cuda"))
     for label, case in out["cases"].items():
         print(label, case, flush=True)
     print("max |Δ log p| one decode step:", out["max_logprob_diff_decode"], flush=True)
@@ -46,15 +44,21 @@ def check(preset: str) -> dict:
 
 
 def check_aligner() -> dict:
-    """The built-in pair in float32 through `Aligner` on the GPU: fast path vs engine."""
+    """The built-in pair in float32 through `Aligner` on the GPU: fast=None vs fast=False."""
     from kad.world import builtin_aligner, heldout_problems
 
     questions = [str(p["question"]) for p in heldout_problems(12)]
     aligners = {
         fast: builtin_aligner(device="cuda", dtype="float32", fast=fast) for fast in (None, False)
     }
-    out: dict = {"preset": "built-in pair via Aligner", "dtype": "float32"}
-    sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 3}  # the engine's round: same draws
+    runtime = aligners[None].runtime
+    out: dict = {
+        "preset": "built-in pair via Aligner",
+        "dtype": "float32",
+        "runner": type(runtime.runners["base"]).__name__,
+        "graphed": runtime.graphed,
+    }
+    sampled = {"temperature": 1.0, "top_p": 0.9, "seed": 3}  # the same counter draws on both
     for label, rule, spec, warp in (
         ("dual", kad.Dual(lam=0.4), None, {}),
         ("dual γ=4", kad.Dual(lam=0.4), 4, {}),
@@ -71,10 +75,7 @@ def check_aligner() -> dict:
             ]
             for fast in (None, False)
         )
-        session = aligners[None].start(questions[:1], rule=rule, max_new_tokens=4, **warp)
         out[label] = {
-            "fused": session.fused,
-            "runner": type(session.runners["base"]).__name__,
             "agree": [agreement(a, b) for a, b in zip(ref, got, strict=True)],
             "equal": ref == got,
         }
@@ -83,10 +84,11 @@ def check_aligner() -> dict:
 
 
 def check_sampled_distribution() -> dict:
-    """Fused sampled rounds (counter-based draws, CUDA graphs) against the engine's plain
-    sampler, on a random pair over 12 tokens with spread-out distributions: 3-token outputs,
-    2000 samples each, chi-square homogeneity (rare outcomes pooled). A correct sampler fails
-    at 0.001 one time in 1000."""
+    """Sampled rounds of the graphed runtime (compact forward, compiled uniforms, CUDA graphs)
+    against the eager runtime (transformers' forward), on a random pair over 12 tokens with
+    spread-out distributions: 3-token outputs, 2000 samples each from disjoint seeds,
+    chi-square homogeneity (rare outcomes pooled). A correct sampler fails at 0.001 one time in
+    1000."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     config = dict(
@@ -107,14 +109,14 @@ def check_sampled_distribution() -> dict:
     n, rule, warp = 2000, kad.Dual(lam=0.4), Warp(temperature=1.0)
     prompts = [[1, 2, 3]] * n
 
-    def outcomes(session_class, make, seed0, spec) -> Counter:
-        runners = {"base": make(base, 12), "proxy": make(proxy, 12)}
+    def outcomes(fast: bool | None, seed0: int, spec: int | None):
+        runtime = runtime_for({"base": base, "proxy": proxy}, 12, 256, 16, fast=fast)
         seeds = list(range(seed0, seed0 + n))
-        ids, session = decode_ids(session_class, runners, prompts, rule, spec, 3, warp, seeds)
-        return Counter(tuple(row) for row in ids), session
+        ids = decode_ids(runtime, prompts, rule, spec, 3, warp, seeds)
+        return Counter(tuple(row) for row in ids), runtime.graphed
 
-    reference, _ = outcomes(DecodeSession, ModelRunner, 0, None)
-    out: dict = {"preset": "12-token random pair, sampled: fused vs engine", "samples": n}
+    reference, _ = outcomes(False, 0, None)
+    out: dict = {"preset": "12-token random pair, sampled: graphed vs eager", "samples": n}
     seeds = torch.randint(0, 2**62, (512, 1), device="cuda")
     counters = torch.randint(0, 2**40, (512, 1), device="cuda")
     streams = torch.arange(27, device="cuda")
@@ -124,15 +126,14 @@ def check_sampled_distribution() -> dict:
     }
     print("compiled uniforms", out["compiled uniforms"], flush=True)
     for spec in (None, 2):
-        got, session = outcomes(FastSession, StaticRunner, 10_000, spec)
-        keys = set(reference) | set(got)
+        got, graphed = outcomes(None, 10_000, spec)
         p_value = homogeneity_p_value(reference, got)
         label = f"sampled γ={spec}" if spec else "sampled plain"
         out[label] = {
-            "fused": session.fused,
-            "outcomes": len(keys),
+            "graphed": graphed,
+            "outcomes": len(set(reference) | set(got)),
             "p_value": p_value,
-            "equal": session.fused and p_value > 0.001,
+            "equal": graphed and p_value > 0.001,
         }
         print(label, out[label], flush=True)
     return out

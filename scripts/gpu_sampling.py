@@ -1,9 +1,12 @@
-"""Where the time of a round's decision goes (mixing, warping, drawing), on the GPU.
+"""Where the time of a round's own work goes (uniforms, mixing, warping, acceptance), on the GPU.
 
-For each preset vocabulary, times `decide` (greedy) and `decide_sampled` with the round's
-uniforms (T = 1, with and without top-p 0.9) on random p, q as CUDA graph replays: as the fused
-round runs them (eager, uniforms compiled) and wholly compiled by Inductor (an experiment on the llama3
-vocabulary at batch 1: the fused round does not compile them), and profiles the kernels of the sampled decision. Writes $OUT/sampling.json.
+For each preset vocabulary, times a round over fixed random p, q (`kad.bench.measure.
+decision_round`: `mix_rows` + `warp_rows` + acceptance on ``[B, γ+1, V]``, no model work),
+greedy and sampled (T = 1, with and without top-p 0.9), as CUDA graph replays: as the runtime
+captures it (every rule's formula, the top-k/top-p cut), with only the dual formula and the warp's
+own cut (what a graph per rule set would cost), and wholly compiled by Inductor (an experiment on
+the llama3 vocabulary at batch 1); and profiles the kernels of the sampled round. Writes
+$OUT/sampling.json.
 
     python scripts/gpu_sampling.py          (on the GPU)
     python scripts/gpu_sampling.py --dry    (a quick run of the same code on the CPU; writes no file)
@@ -16,33 +19,13 @@ import os
 import sys
 
 import torch
-from kad.fast.session import Draws, decide, decide_sampled
 
-from kad.bench import _random_pair, _seconds_of, kernel_profile
+from kad.bench.measure import decision_round, kernel_profile, seconds_of
 from kad.rules import Dual
 from kad.sampling import Warp
 
 VOCABS = {"llama3": 128256, "olmo2": 100352, "qwen3": 151936}
-WARPS = {"T=1 top-p 0.9": Warp(temperature=1.0, top_p=0.9), "T=1": Warp(temperature=1.0)}
-
-
-def cases(batch: int, gamma: int, vocab: int, device: torch.device) -> dict:
-    """name -> a no-argument function running one decision on fixed random inputs."""
-    p, q = _random_pair(batch, gamma + 1, vocab, device)
-    rule = Dual(lam=0.4)
-    drafted = q[:, :gamma].argmax(dim=-1)
-    q_tilde = q[:, :gamma] if gamma else None
-    seeds = torch.arange(batch, device=device)
-    positions = torch.zeros(batch, dtype=torch.long, device=device)
-
-    def sampled(warp: Warp):
-        draws = Draws(seeds, positions, gamma, compiled=device.type == "cuda")
-        return decide_sampled(p, q, drafted, rule, warp, q_tilde, draws)
-
-    out = {"greedy": lambda: decide(p, q, drafted, rule)}
-    for name, warp in WARPS.items():
-        out[name] = lambda warp=warp: sampled(warp)
-    return out
+WARPS = {"greedy": Warp(), "T=1 top-p 0.9": Warp(temperature=1.0, top_p=0.9), "T=1": Warp(1.0)}
 
 
 def main() -> None:
@@ -53,8 +36,12 @@ def main() -> None:
     for family, vocab in vocabs.items():
         for batch, gamma in ((1, 0), (1, 4), (32, 0)):
             row: dict = {"family": family, "vocab": vocab, "batch": batch, "gamma": gamma}
-            for name, fn in cases(batch, gamma, vocab, device).items():
-                row[f"{name} eager ms"] = 1e3 * _seconds_of(fn, device, not dry)
+            for name, warp in WARPS.items():
+                fn = decision_round(Dual(lam=0.4), warp, batch, gamma, vocab, device)
+                row[f"{name} ms"] = 1e3 * seconds_of(fn, device)
+                if not dry:
+                    alone = decision_round(Dual(lam=0.4), warp, batch, gamma, vocab, device, True)
+                    row[f"{name} dual only ms"] = 1e3 * seconds_of(alone, device)
                 if batch == 1 and gamma == 0 and name != "greedy":
                     with torch.inference_mode():
                         row[f"{name} profile"] = kernel_profile(fn, device)
@@ -62,7 +49,7 @@ def main() -> None:
                     continue  # compiling is slow: one case shows what it would give
                 compiled = torch.compile(fn, dynamic=False)
                 try:
-                    row[f"{name} compiled ms"] = 1e3 * _seconds_of(compiled, device, not dry)
+                    row[f"{name} compiled ms"] = 1e3 * seconds_of(compiled, device)
                 except Exception as error:  # an experiment: record the failure and go on
                     row[f"{name} compiled ms"] = f"failed: {type(error).__name__}: {error}"[:300]
             print({k: v for k, v in row.items() if "profile" not in k}, flush=True)
