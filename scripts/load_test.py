@@ -5,12 +5,15 @@ It starts the server in-process on a free loopback port (the built-in pair, --ba
 then drives it with the official `openai` async client, streaming, and reports completion
 tokens/s, time to first token (p50/p99) and whole-request latency (p50/p99). Each request's
 max_tokens is drawn uniformly from [--min-tokens, --max-tokens]; --mixed gives each request its
-own λ ∈ {0.3, 0.4, 0.5} and temperature ∈ {0, 0.8}. --static also decodes one static batch of
+own λ ∈ {0.3, 0.4, 0.5} and temperature ∈ {0, 0.8}; --modes runs several loads on one server
+(mixed, equal: λ 0.4 and greedy for all, auto: equal with ``kad.speculative: "auto"``). --static
+also decodes one static batch of
 --clients rows × the mean max_tokens with the same runtime (`Aligner.generate`), the reference
 of the continuous-batching target.
 
     python scripts/load_test.py --random-init llama3-8b --clients 64 --requests 512 \\
-        --min-tokens 32 --max-tokens 256 --max-rows 64 --max-context 512 --mixed --static
+        --min-tokens 32 --max-tokens 256 --max-rows 64 --max-context 512 \\
+        --modes mixed,equal,auto --static
 
 --url http://host:port drives a server that is already running instead (no --static then).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing
 import os
 import platform
 import random
@@ -50,13 +54,17 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="completions")
     parser.add_argument("--speculative", default=None, help="γ or 'auto' (default off)")
     parser.add_argument("--mixed", action="store_true", help="each request its own λ and T")
+    parser.add_argument("--modes", help="comma-separated loads on one server: mixed,equal,auto")
     parser.add_argument("--static", action="store_true", help="also time a static batch")
+    parser.add_argument(
+        "--client-procs", type=int, default=1, help="processes the clients run in (GIL apart)"
+    )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as kad serve)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser.parse_args()
 
 
-def load(args: argparse.Namespace) -> Any:
+def build_aligner(args: argparse.Namespace) -> Any:
     from kad.serve.command import load_aligner, set_cpu_threads
 
     pool = {"max_rows": args.max_rows, "max_context": args.max_context}
@@ -102,22 +110,31 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-async def drive(args: argparse.Namespace, url: str, count: int) -> dict[str, Any]:
-    """``count`` streamed requests from ``args.clients`` clients; figures of the whole run."""
+async def drive(
+    args: argparse.Namespace, url: str, count: int, mode: str = "equal", part: int = 0
+) -> dict[str, Any]:
+    """Requests ``part``, ``part + P``, ... of ``count`` (P = --client-procs), streamed from
+    ``args.clients / P`` clients under ``mode`` (mixed, equal or auto); the raw timings."""
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
     questions = prompts(count)
     rng = random.Random(0)
+    mixed = mode == "mixed"
     plans = [
         {
             "max_tokens": rng.randint(args.min_tokens, args.max_tokens),
-            "temperature": rng.choice((0.0, 0.8)) if args.mixed else 0.0,
+            "temperature": rng.choice((0.0, 0.8)) if mixed else 0.0,
             "seed": i,
-            "extra_body": {"kad": {"lam": rng.choice((0.3, 0.4, 0.5))}} if args.mixed else {},
+            "extra_body": {
+                "kad": {
+                    "lam": rng.choice((0.3, 0.4, 0.5)) if mixed else 0.4,
+                    **({"speculative": "auto"} if mode == "auto" else {}),
+                }
+            },
         }
         for i in range(count)
     ]
     queue: asyncio.Queue[int] = asyncio.Queue()
-    for i in range(count):
+    for i in range(part, count, args.client_procs):
         queue.put_nowait(i)
     first_token: list[float] = []
     latencies: list[float] = []
@@ -152,19 +169,47 @@ async def drive(args: argparse.Namespace, url: str, count: int) -> dict[str, Any
                 print(f"request {i} failed: {error}", file=sys.stderr)
 
     async with client:
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(args.clients)))
-        wall = time.perf_counter() - start
+        start = time.time()
+        await asyncio.gather(*(worker() for _ in range(args.clients // args.client_procs)))
+        end = time.time()
     return {
-        "requests": count,
-        "completed": len(latencies),
+        "ttft": first_token,
+        "latency": latencies,
+        "tokens": tokens,
         "failed": failures,
+        "start": start,
+        "end": end,
+    }
+
+
+def _drive_part(job: tuple[argparse.Namespace, str, int, str, int]) -> dict[str, Any]:
+    return asyncio.run(drive(*job))
+
+
+def load(args: argparse.Namespace, url: str, count: int, mode: str) -> dict[str, Any]:
+    """``count`` requests under ``mode`` from --client-procs processes (so that the clients'
+    own Python does not share the server's); the figures of the whole run."""
+    jobs = [(args, url, count, mode, part) for part in range(args.client_procs)]
+    if args.client_procs == 1:
+        parts = [_drive_part(jobs[0])]
+    else:
+        with multiprocessing.get_context("spawn").Pool(args.client_procs) as pool:
+            parts = pool.map(_drive_part, jobs)
+    ttft = [t for p in parts for t in p["ttft"]]
+    latency = [t for p in parts for t in p["latency"]]
+    wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
+    tokens = sum(p["tokens"] for p in parts)
+    return {
+        "mode": mode,
+        "requests": count,
+        "completed": len(latency),
+        "failed": sum(p["failed"] for p in parts),
         "wall_s": round(wall, 2),
         "completion_tokens_per_s": round(tokens / wall, 1),
-        "ttft_p50_s": round(statistics.median(first_token), 3),
-        "ttft_p99_s": round(percentile(first_token, 0.99), 3),
-        "latency_p50_s": round(statistics.median(latencies), 3),
-        "latency_p99_s": round(percentile(latencies, 0.99), 3),
+        "ttft_p50_s": round(statistics.median(ttft), 3),
+        "ttft_p99_s": round(percentile(ttft, 0.99), 3),
+        "latency_p50_s": round(statistics.median(latency), 3),
+        "latency_p99_s": round(percentile(latency, 0.99), 3),
     }
 
 
@@ -184,12 +229,13 @@ def static_batch(args: argparse.Namespace, aligner: Any) -> dict[str, Any]:
 
 def main() -> None:
     args = parse_args()
+    modes = args.modes.split(",") if args.modes else ["mixed" if args.mixed else "equal"]
     result: dict[str, Any] = {
         "clients": args.clients,
         "tokens": [args.min_tokens, args.max_tokens],
-        "mixed": args.mixed,
         "speculative": args.speculative,
         "max_rows": args.max_rows,
+        "client_procs": args.client_procs,
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, "
         f"torch {torch.__version__}"
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
@@ -197,25 +243,29 @@ def main() -> None:
     server = thread = None
     url = args.url
     if url is None:
-        aligner = load(args)
+        aligner = build_aligner(args)
         started = time.perf_counter()
-        gammas = range(9) if args.speculative == "auto" else (0, int(args.speculative or 0))
+        auto = args.speculative == "auto" or "auto" in modes
+        gammas = range(9) if auto else (0, int(args.speculative or 0))
         result["graphs"] = aligner.runtime.capture(sorted(set(gammas)))
         result["capture_s"] = round(time.perf_counter() - started, 1)
         if args.static:
             result["static"] = static_batch(args, aligner)
         url, server, thread = start_server(args, aligner)
+    result["runs"] = []
     try:
-        asyncio.run(drive(args, url, args.clients))  # warm-up pass, not counted
-        result.update(asyncio.run(drive(args, url, args.requests)))
+        for mode in modes:
+            load(args, url, args.clients, mode)  # warm-up pass, not counted
+            run = load(args, url, args.requests, mode)
+            if "static" in result:
+                share = run["completion_tokens_per_s"] / result["static"]["tokens_per_s"]
+                run["share_of_static"] = round(share, 3)
+            result["runs"].append(run)
+            print(json.dumps(run), file=sys.stderr, flush=True)
     finally:
         if server is not None:
             server.should_exit = True
             thread.join(timeout=30)
-    if "static" in result:
-        result["share_of_static"] = round(
-            result["completion_tokens_per_s"] / result["static"]["tokens_per_s"], 3
-        )
     if args.json:
         print(json.dumps(result, indent=2))
         return

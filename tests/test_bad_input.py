@@ -103,7 +103,7 @@ def test_implicit_reward_without_proxy_base(tiny_dirs):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--lam", "-0.5"], "lam must be >= 0"),
+        (["--lam", "-0.5"], "lam must be in [0, ∞]"),
         (["--rule", "primal", "--budget", "1.5"], "budget must be in [0, 1]"),
         (["--rule", "primal", "--budget", "-0.1"], "budget must be in [0, 1]"),
         (["--rule", "magic"], "magic"),

@@ -32,7 +32,7 @@ CHAT = [
 @pytest.fixture(scope="module")
 def served(tiny_dirs: SimpleNamespace) -> Iterator[SimpleNamespace]:
     full = kad.Aligner.from_pretrained(
-        str(tiny_dirs.base), str(tiny_dirs.proxy), str(tiny_dirs.proxy_base)
+        str(tiny_dirs.base), str(tiny_dirs.proxy), str(tiny_dirs.proxy_base), max_rows=16
     )
     aligner = RecordingAligner(full)
     app = create_app(aligner, max_rows=16)

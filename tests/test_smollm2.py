@@ -19,7 +19,7 @@ PROMPTS = ["What is the capital of France?", "Write one word about the sea."]
 
 @pytest.fixture(scope="module")
 def smol(smollm_gguf) -> kad.Aligner:
-    return kad.Aligner.from_pretrained(smollm_gguf, smollm_gguf)
+    return kad.Aligner.from_pretrained(smollm_gguf, smollm_gguf, max_rows=64, max_context=128)
 
 
 def test_roles_render_differently(smol):

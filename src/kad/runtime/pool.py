@@ -18,7 +18,7 @@ from kad.errors import KadError
 from kad.rules import COLUMNS
 
 CPU_BUDGET = 2**30  # bytes of KV pool on a CPU when nobody says
-CPU_ROWS = 16
+CPU_ROWS = 64
 GPU_ROWS = 256
 DEFAULT_CONTEXT = 4096
 DEFAULT_MEMORY_FRACTION = 0.85
@@ -56,7 +56,7 @@ def plan_pool(
 ) -> PoolPlan:
     """Size the pool. Each model gets min(max_context, its own context) columns. Rows:
     ``max_rows``, or as many as the budget holds: on a GPU ``memory_fraction`` of the device
-    memory less what is already used (weights), on a CPU 1 GiB; at most 256 (GPU) or 16 (CPU)."""
+    memory less what is already used (weights), on a CPU 1 GiB; at most 256 (GPU) or 64 (CPU)."""
     if max_rows is not None and (
         isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
     ):

@@ -66,6 +66,10 @@ class Sequence:
     text: str = ""
     emitted_text: str = ""
     finish_reason: str | None = None
+    _decoded: str = ""  # text of the tokens before _read, decoded incrementally
+    _prefix: int = 0  # decoding window: tokens _prefix.. give context to tokens _read..
+    _read: int = 0
+    _searched: int = 0  # characters of _decoded already searched for stop strings
 
     @property
     def finished(self) -> bool:
@@ -125,15 +129,33 @@ class Sequence:
     def text_event(
         self, new_ids: list[int], eos_ids: set[int], tokenizer: PreTrainedTokenizerBase
     ) -> StepEvent:
-        """Decode the text, cut it at a stop string, and report what is new. Text that could
-        still become a stop string, or an incomplete UTF-8 character, is held back until it is
-        settled."""
+        """Decode what is new, cut the text at a stop string, and report what is new.
+
+        While decoding, text is decoded incrementally over a window of the last tokens (a few
+        tokens of context, as vLLM's detokenizer does), so a step costs the same at any length,
+        and a stop string is searched in the new text only; the finished text is decoded whole.
+        Text that could still become a stop string, or an incomplete UTF-8 character, is held
+        back until it is settled."""
         stop = [s for s in self.request.stop if s]
         ids = self.token_ids
-        if self.finish_reason == "stop" and ids and ids[-1] in eos_ids:
-            ids = ids[:-1]
-        text = tokenizer.decode(ids, skip_special_tokens=False)
-        hits = [i for i in (text.find(s) for s in stop) if i >= 0]
+        end = (
+            len(ids) - 1
+            if self.finish_reason == "stop" and ids and ids[-1] in eos_ids
+            else len(ids)
+        )
+        if self.finish_reason is None:
+            before = tokenizer.decode(ids[self._prefix : self._read], skip_special_tokens=False)
+            window = tokenizer.decode(ids[self._prefix : end], skip_special_tokens=False)
+            if len(window) > len(before) and not window.endswith("\ufffd"):
+                self._decoded += window[len(before) :]
+                self._prefix, self._read = self._read, end
+            text, since = self._decoded, self._searched
+        else:
+            text, since = tokenizer.decode(ids[:end], skip_special_tokens=False), 0
+        longest = max((len(s) for s in stop), default=0)
+        start = max(0, since - longest + 1)
+        hits = [i for i in (text.find(s, start) for s in stop) if i >= 0]
+        self._searched = len(text)
         if hits:
             text = text[: min(hits)]
             self.finish_reason = "stop"
@@ -141,9 +163,8 @@ class Sequence:
         settled = text
         if self.finish_reason is None:
             settled = text.rstrip("\ufffd")
-            hold = max((len(s) - 1 for s in stop), default=0)
-            if hold:
-                settled = settled[: max(len(self.emitted_text), len(settled) - hold)]
+            if longest > 1:
+                settled = settled[: max(len(self.emitted_text), len(settled) - longest + 1)]
         delta = settled[len(self.emitted_text) :] if settled.startswith(self.emitted_text) else ""
         self.emitted_text += delta
         done = self.finish_reason is not None

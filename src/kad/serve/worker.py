@@ -115,6 +115,12 @@ class Job:
             self.loop.call_soon_threadsafe(self.events.put_nowait, item)
 
 
+def _put_all(items: list[tuple[Job, RowDelta | JobDone]]) -> None:
+    """On the event loop: hand each job its items of the round, in order."""
+    for job, item in items:
+        job.events.put_nowait(item)
+
+
 class Worker:
     """Runs an aligner's runtime in one thread and feeds it the jobs submitted to it.
 
@@ -191,8 +197,10 @@ class Worker:
                 self._take_inbox(block=runtime.idle)
                 if runtime.idle:
                     continue
+                outbox: dict[asyncio.AbstractEventLoop, list] = {}
                 try:
-                    events = runtime.step()
+                    for event in runtime.step():
+                        self._route(event, outbox)
                 except Exception as error:  # a bug: fail everything in flight, keep serving
                     logger.error("decoding failed", exc_info=error)
                     for job in list(self._open):
@@ -200,8 +208,9 @@ class Worker:
                         job.emit(JobFailed(error))
                     continue
                 self.peak_rows = max(self.peak_rows, runtime.used)
-                for event in events:
-                    self._route(event)
+                for loop, items in outbox.items():  # one wake-up of each event loop a round
+                    with contextlib.suppress(RuntimeError):
+                        loop.call_soon_threadsafe(_put_all, items)
         for job in list(self._open):
             self._drop(job)
             job.emit(JobFailed(KadError("the server is shutting down")))
@@ -242,21 +251,24 @@ class Worker:
         if session.done:  # nothing to decode (e.g. budgets of 0)
             self._finish(job)
 
-    def _route(self, event: Any) -> None:
+    def _route(self, event: Any, outbox: dict[asyncio.AbstractEventLoop, list]) -> None:
+        """File a row's new output (and its job's end) for delivery after the round."""
         owner = self._jobs.get(event.row)
         if owner is None:
             return
         job, row = owner
-        job.emit(
-            RowDelta(row, list(event.token_ids), event.text, event.finished, event.finish_reason)
-        )
+        items = outbox.setdefault(job.loop, [])
+        tokens = list(event.token_ids)
+        items.append((job, RowDelta(row, tokens, event.text, event.finished, event.finish_reason)))
         if job.session.done:
-            self._finish(job)
+            items.append((job, self._finish(job, emit=False)))
 
-    def _finish(self, job: Job) -> None:
-        generations = job.session.results()
+    def _finish(self, job: Job, emit: bool = True) -> JobDone:
+        done = JobDone(job.session.results(), job.prompt_tokens)
         self._drop(job)
-        job.emit(JobDone(generations, job.prompt_tokens))
+        if emit:
+            job.emit(done)
+        return done
 
     def _drop(self, job: Job) -> None:
         """Forget a job; rows still decoding are cancelled (their slots freed at once)."""
