@@ -8,10 +8,9 @@ State, allocated once and updated in place so that captured CUDA graphs stay val
 - ``cos``, ``sin`` ``[S, D]``  the model's own RoPE tables for positions 0..S−1.
 
 A forward over slots start..start+B−1 is a view of the first dimension, so the rows of a batch
-are the pool's first rows (the scheduler keeps the occupied slots packed). On a GPU every forward
-runs the compiled layer (batch and token counts dynamic, attention over the pool's columns) and
-decode rounds are captured in graphs; prefill chunks run compiled, not captured. On a CPU
-everything runs eagerly and attends only over the columns in use.
+are the pool's first rows (the scheduler keeps the occupied slots packed). Decode-sized forwards
+run the compiled layer (and are captured in the round's graph on a GPU); prefill chunks run the
+plain layer eagerly. On a CPU everything runs eagerly and attends only over the columns in use.
 """
 
 from __future__ import annotations
@@ -70,9 +69,7 @@ class StaticRunner:
         """See `Runner.forward`. Positions past the pool (drafts of a row at its budget's end,
         rows that are not live) are clamped to the last column, which no committed token uses."""
         batch, n = tokens.shape
-        if self.compiled or width is None:  # compiled steps keep one shape of mask: the pool's
-            width = self.context
-        width = min(width, self.context)
+        width = self.context if width is None else min(width, self.context)
         positions = self.lengths[start : start + batch, None] + torch.arange(
             n, device=self.device
         )  # [B, n]
@@ -82,11 +79,13 @@ class StaticRunner:
         mask = (self.columns[:width] <= positions.unsqueeze(-1))[:, None, None]  # [B,1,1,n,W]
         x = F.embedding(tokens.to(self.device), self.net.embed)  # [B, n, E]
         arch = self.net.arch
+        decode = n <= 16 and heads
+        layer_fn = self.layer_fn if decode else layer_forward
         with static_shapes():
             for layer, k, v in zip(self.net.layers, self.k, self.v, strict=True):
-                if self.compiled:
+                if decode and self.compiled:
                     mark_step_dynamic(x, cols, (cos, sin), mask)
-                x = self.layer_fn(x, layer, k, v, cols, cos, sin, mask, arch, start)
+                x = layer_fn(x, layer, k, v, cols, cos, sin, mask, arch, start)
         if not heads:
             return None
         x = rms_norm(x, self.net.norm, arch.eps, arch.weight_first)
