@@ -4,8 +4,7 @@ Each `step()` is one iteration at a round boundary:
 
 1. **admit**: waiting sequences take free slots, first come first served;
 2. **prefill**: up to ``prefill_chunk`` prompt tokens per model are cached, oldest first, so a
-   long prompt stalls the running rows for one chunk at most; while rows decode, prompts are
-   gathered for up to ``prefill_every`` rounds (or a full chunk) and cached together;
+   long prompt stalls the running rows for one chunk at most;
 3. **decode**: one round (`kad.runtime.round`) over the occupied slots, whatever their rules and
    sampling parameters; sequences whose prompt is cached join it;
 4. **release**: finished or cancelled sequences free their slot at once; the last occupied slot
@@ -42,8 +41,7 @@ from kad.runtime.runner import Runner, TransformersRunner
 from kad.runtime.sequence import Request, Sequence
 from kad.speculative import AutoGamma
 
-PREFILL_CHUNK = 512  # prompt tokens per model cached in one iteration at most
-PREFILL_EVERY = 8  # rounds a prompt may wait while rows decode, to be prefilled with others
+PREFILL_CHUNK = 512
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
@@ -79,7 +77,6 @@ class Runtime:
         max_context: int | None = None,
         memory_fraction: float | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
-        prefill_every: int = PREFILL_EVERY,
     ) -> None:
         self.plan: PoolPlan = plan_pool(
             models,
@@ -97,8 +94,6 @@ class Runtime:
         self.table = SlotTable(rows, list(models), self.device)
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.prefill_chunk = prefill_chunk
-        self.prefill_every = prefill_every
-        self._rounds_since_prefill = 0
         self.slots: list[Sequence | None] = [None] * rows  # occupied slots are 0..used-1
         self.waiting: deque[Sequence] = deque()
         self.auto = AutoGamma()
@@ -156,28 +151,11 @@ class Runtime:
     def step(self) -> list[StepEvent]:
         """One iteration (module doc); events are keyed by sequence id (``StepEvent.row``)."""
         events = self._admit()
+        self._prefill()
         running = [s for s in self.slots if s is not None and s.status == "running"]
-        if self._prefill_due(running):
-            self._prefill()
-            self._rounds_since_prefill = 0
-            running = [s for s in self.slots if s is not None and s.status == "running"]
         if running:
             events += self._decode(running)
-            self._rounds_since_prefill += 1
         return events
-
-    def _prefill_due(self, running: list[Sequence]) -> bool:
-        """Whether this iteration caches prompts. A prefill forward reads every weight of a
-        model however few its tokens, as a round does; so while rows decode, prompts wait for
-        a full chunk of tokens or for `prefill_every` rounds and go through together (at most
-        `prefill_every` rounds of time to first token, instead of a prefill in every round)."""
-        waiting = [s for s in self.slots if s is not None and s.status == "prefilling"]
-        if not waiting:
-            return False
-        if not running or self._rounds_since_prefill >= self.prefill_every:
-            return True
-        left = sum(len(s.prefill_left(r)) for s in waiting for r in s.request.prompt_ids)
-        return left >= self.prefill_chunk * len(self.runners)
 
     # --- admission and prefill ------------------------------------------------------------
 
