@@ -107,7 +107,8 @@ def test_implicit_reward_without_proxy_base(tiny_dirs):
         (["--rule", "primal", "--budget", "1.5"], "budget must be in [0, 1]"),
         (["--rule", "primal", "--budget", "-0.1"], "budget must be in [0, 1]"),
         (["--rule", "magic"], "magic"),
-        (["--speculative", "0"], "speculative must be an integer >= 1"),
+        (["--speculative", "-1"], "speculative must be an integer >= 0"),
+        (["--stop", ""], "a stop string must be non-empty text"),
         (["--loss", "hinge", "--mu", "0.1"], "unknown loss"),
         (["--temperature", "-1"], "temperature must be >= 0"),
     ],
@@ -116,6 +117,23 @@ def test_cli_rejects_bad_parameters_with_exit_code_2(tiny_dirs, args, message):
     result = run_cli("generate", "--base", tiny_dirs.base, "--proxy", tiny_dirs.proxy, *args, "hi")
     assert result.exit_code == 2
     assert message in " ".join(result.output.split())
+
+
+def test_cli_and_library_agree_with_the_server_on_speculative_0_and_empty_stops(
+    tiny_dirs, tiny_aligner
+):
+    """--speculative 0 is plain decoding (the server's kad.speculative: 0); an empty stop
+    string is refused everywhere; scoring nothing is a clear error, not a raw ValueError."""
+    result = run_cli(
+        "generate", "--base", tiny_dirs.base, "--proxy", tiny_dirs.proxy,
+        "--speculative", "0", "--max-new-tokens", "3", "--json", "hi",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert tiny_aligner.generate("hi", max_new_tokens=3, speculative=0)[0].stats.rounds is None
+    with pytest.raises(kad.KadError, match="non-empty"):
+        tiny_aligner.generate("hi", max_new_tokens=3, stop=[""])
+    with pytest.raises(kad.PromptError, match="no prompts"):
+        tiny_aligner.score([], [])
 
 
 def test_cli_generate_prints_text_json_and_deferral(tiny_dirs, tiny_aligner):

@@ -249,8 +249,8 @@ class Aligner:
         limits = _budgets(max_new_tokens, n)
         stops = tuple(s for s in ([stop] if isinstance(stop, str) else list(stop or [])))
         for text in stops:
-            if not isinstance(text, str):
-                raise KadError(f"a stop string must be text, got {text!r}")
+            if not isinstance(text, str) or not text:
+                raise KadError(f"a stop string must be non-empty text, got {text!r}")
         seeds = _seeds(seed, n)
         spec = parse_speculative(speculative)
         ids = self.encode_prompts(batch) if prompt_ids is None else prompt_ids

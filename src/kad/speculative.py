@@ -109,7 +109,8 @@ class AutoGamma:
 
 
 def parse_speculative(value: int | str | None) -> int | str | None:
-    """None (plain decoding), an int γ ≥ 1, or "auto"."""
+    """None or 0 (plain decoding, as the server's ``kad.speculative: 0``), an int γ ≥ 1, or
+    "auto"."""
     if value is None:
         return None
     if isinstance(value, str):
@@ -117,8 +118,8 @@ def parse_speculative(value: int | str | None) -> int | str | None:
         if text == "auto":
             return "auto"
         if not text.isdigit():
-            raise KadError(f"speculative must be an integer >= 1 or 'auto', got {value!r}")
+            raise KadError(f"speculative must be an integer >= 0 or 'auto', got {value!r}")
         value = int(text)
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise KadError(f"speculative must be an integer >= 1 or 'auto', got {value!r}")
-    return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise KadError(f"speculative must be an integer >= 0 or 'auto', got {value!r}")
+    return value or None

@@ -7,7 +7,6 @@ inside the commands.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -201,7 +200,7 @@ def eval_command(
             limit=limit,
             batch_size=batch_size,
             decoding=decoding,
-            progress=sys.stderr.isatty(),
+            progress=True,
         )
         print_summary(summary, folder)
 
@@ -298,7 +297,7 @@ def sweep_command(
         limit=limit,
         batch_size=batch_size,
         decoding=decoding,
-        progress=sys.stderr.isatty(),
+        progress=True,
     )
     for summary in summaries:
         print_summary(summary, out / method_name(summary["rule"], summary["params"]))

@@ -12,23 +12,16 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
 from kad.errors import KadError
 from kad.eval.tasks import Example, Task
 from kad.outputs import jsonable
+from kad.progress import TaskProgress, resume_message
 from kad.rules import Rule
 
 RUN_FILE = "run.json"
@@ -220,18 +213,6 @@ def _likelihood_records(
     return records
 
 
-def _progress(enabled: bool) -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("acc {task.fields[accuracy]}"),
-        TimeElapsedColumn(),
-        TimeRemainingColumn(),
-        disable=not enabled,
-    )
-
-
 def run_eval(
     aligner: Any,
     task: Task,
@@ -268,14 +249,14 @@ def run_eval(
     kept = [r for r in done.values() if r["id"] in selected]
     todo = [pair for pair in examples if pair[0] not in done]
 
-    def shown(records: Sequence[dict[str, Any]]) -> str:
-        accuracy = _mean([float(r["score"]) for r in records])
-        return "-" if accuracy is None else f"{accuracy:.3f}"
+    def accuracy(records: Sequence[dict[str, Any]]) -> float | None:
+        return _mean([float(r["score"]) for r in records])
 
-    with _progress(progress) as bar, path.open("a", encoding="utf-8") as sink:
-        handle = bar.add_task(
-            task.name, total=len(examples), completed=len(kept), accuracy=shown(kept)
-        )
+    resumed = resume_message(task.name, len(kept), len(examples), path)
+    if resumed and progress:
+        print(resumed, file=sys.stderr, flush=True)
+    bar = TaskProgress(task.name, len(examples), len(kept), accuracy(kept), enabled=progress)
+    with bar, path.open("a", encoding="utf-8") as sink:
         if task.kind == "likelihood":
             groups: Iterator[Sequence[dict[str, Any]]] = (
                 _likelihood_records(aligner, task, batch, rule)
@@ -289,7 +270,7 @@ def run_eval(
                 sink.write(json.dumps(row, ensure_ascii=False) + "\n")
             sink.flush()
             kept += rows
-            bar.update(handle, advance=len(records), accuracy=shown(kept))
+            bar.update(len(kept), accuracy(kept))
     summary = summarize(kept, run, task.name)
     (out / f"{task.name}{SUMMARY_SUFFIX}").write_text(
         json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8"
