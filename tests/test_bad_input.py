@@ -110,7 +110,7 @@ def test_implicit_reward_without_proxy_base(tiny_dirs):
         (["--speculative", "-1"], "speculative must be an integer >= 0"),
         (["--stop", ""], "a stop string must be non-empty text"),
         (["--loss", "hinge", "--mu", "0.1"], "unknown loss"),
-        (["--temperature", "-1"], "temperature must be >= 0"),
+        (["--temperature", "-1"], "temperature must be a finite number >= 0"),
     ],
 )
 def test_cli_rejects_bad_parameters_with_exit_code_2(tiny_dirs, args, message):
