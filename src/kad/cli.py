@@ -97,8 +97,7 @@ LAZY_COMMANDS: dict[str, LazyCommand] = {
     "bench": LazyCommand(
         "kad.bench:bench_command",
         "Decode speed of base, proxy, plain and speculative KAD next to the memory roofline and "
-        "transformers (eager and static-cache compiled generate, assisted generation), on real "
-        "models or random-weight presets.",
+        "transformers, on real models or random-weight presets.",
     ),
 }
 _TYPE_METAVARS = {"str": "TEXT", "list[str]": "TEXT", "int": "INTEGER", "path": "PATH"}

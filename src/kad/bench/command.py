@@ -115,8 +115,9 @@ def bench_command(
     out: Annotated[Path | None, typer.Option(help="Also write the JSON results here.")] = None,
 ) -> None:
     """Decode speed of base, proxy, plain and speculative KAD next to the memory roofline and
-    transformers (eager and static-cache compiled generate, assisted generation), on real models
-    or random-weight presets."""
+    transformers, on real models or random-weight presets.
+
+    The transformers peers: eager and static-cache compiled generate, assisted generation."""
     if repeats < 1 or prompt_tokens < 2 or new_tokens < 2:
         raise KadError("repeats must be >= 1, prompt and new tokens >= 2")
     config = BenchConfig(

@@ -9,40 +9,10 @@ from typing import Annotated, Any
 import typer
 
 from kad.errors import KadError
+from kad.options import load_aligner
 from kad.rules import LOSSES, RULE_NAMES, make_rule
 from kad.serve.app import MAX_BODY_BYTES, MAX_PROMPT_CHARS, create_app
 from kad.speculative import parse_speculative
-
-
-def load_aligner(
-    base: str | None,
-    proxy: str | None,
-    proxy_base: str | None = None,
-    *,
-    dtype: str | None = None,
-    device: str | None = None,
-    fast: bool | None = None,
-    max_rows: int | None = None,
-    max_context: int | None = None,
-    memory_fraction: float | None = None,
-) -> Any:
-    """The pair to serve: the models given, or the built-in pair (with its proxy base, and the
-    base reading questions as web text) when neither --base nor --proxy is. max_rows,
-    max_context and memory_fraction size the runtime's pools (None: its defaults)."""
-    from kad.aligner import Aligner
-
-    if (base is None) != (proxy is None):
-        raise KadError("give both --base and --proxy, or neither (to serve the built-in pair)")
-    sizes = {"max_rows": max_rows, "max_context": max_context, "memory_fraction": memory_fraction}
-    if base is not None:
-        return Aligner.from_pretrained(
-            base, proxy, proxy_base, dtype=dtype, device=device, fast=fast, **sizes
-        )
-    from kad.world import builtin_aligner
-
-    return builtin_aligner(
-        proxy_base=proxy_base or True, dtype=dtype, device=device, fast=fast, **sizes
-    )
 
 
 def set_cpu_threads(aligner: Any, threads: int | None = None) -> None:
