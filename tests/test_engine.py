@@ -18,6 +18,8 @@ PROMPTS = ["Tom has 3 apples", "Hello", "The quick brown fox jumps over the lazy
 RULES = [
     kad.Dual(lam=0.4),
     kad.Primal(budget=0.9),
+    kad.Primal(budget=0.6, fractional=True),
+    kad.ProxyReferenced(delta=0.1),
     kad.Nudging(lam=0.4),
     kad.ImplicitReward(beta=1.0),
     kad.BaseOnly(),

@@ -43,6 +43,10 @@ ALL_RULES = [
     kad.Dual(mu=0.5, loss="zero_one"),
     kad.Primal(budget=0.9),
     kad.Primal(budget=0.3, loss="squared"),
+    kad.Primal(budget=0.6, fractional=True),
+    kad.Primal(budget=0.4, loss="margin", fractional=True),
+    kad.ProxyReferenced(delta=0.1),
+    kad.ProxyReferenced(delta=-0.3),
     kad.Nudging(lam=0.4),
     kad.ImplicitReward(beta=1.0),
     kad.BaseOnly(),
@@ -211,6 +215,10 @@ def test_rules_work_on_batched_positions():
         (lambda: kad.Primal(budget=1.5), r"budget must be in \[0, 1\]"),
         (lambda: kad.Primal(budget=-0.1), r"budget must be in \[0, 1\]"),
         (lambda: kad.Nudging(lam=-1), r"lam must be in \[0, ∞\]"),
+        (lambda: kad.ProxyReferenced(delta=1.5), r"delta must be in \[-1, 1\]"),
+        (lambda: kad.Primal(fractional=1), "fractional must be true or false"),
+        (lambda: kad.ImplicitReward(beta=-5), r"beta must be in \[0, 100\]"),
+        (lambda: kad.make_rule("dual", budget=0.5), "does not take budget"),
         (lambda: kad.make_rule("greedy"), "unknown rule 'greedy'"),
         (lambda: kad.ImplicitReward().target(torch.ones(2) / 2, torch.ones(2) / 2), "proxy_base"),
     ],
@@ -225,3 +233,56 @@ def test_make_rule_maps_names_and_parameters():
     assert kad.make_rule("implicit_reward", beta=2.0) == kad.ImplicitReward(beta=2.0)
     assert kad.make_rule("primal") == kad.Primal(budget=0.9)
     assert kad.Dual(mu=-math.log(0.25)).lam == pytest.approx(0.25)
+
+
+@settings(max_examples=60, deadline=None)
+@given(pairs)
+def test_proxy_referenced_limits_and_formula(pqs):
+    """SPEC 4b: d_v = [p_v < max q* − δ]; δ = 1 gives the base alone, δ = −1 defers every
+    token with p_v < 1."""
+    p, q, _ = pqs
+    assert torch.equal(kad.ProxyReferenced(delta=1.0).target(p, q), p)
+    everything = kad.ProxyReferenced(delta=-1.0)
+    assert torch.equal(everything.defer(p, q), p < 1)
+    rule = kad.ProxyReferenced(delta=0.2)
+    d = p < q.max() - 0.2
+    assert torch.allclose(rule.target(p, q), mixture(p, q, d).pi)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.builds(distribution, st.integers(0, 2**31), st.integers(2, 10), st.floats(0.2, 5)),
+    st.floats(0.0, 1.0),
+    st.sampled_from(LOSSES),
+)
+def test_fractional_primal_fills_the_budget_and_bounds_the_exact_risk(p, budget, loss):
+    """SPEC 4b: d ∈ [0, 1]^V with α = min(b, 1) exactly (no unfilled budget), the LP
+    relaxation's optimum: r(fractional) ≤ r(exact 0-1) ≤ r(greedy 0-1)."""
+    fractional = kad.Primal(budget=budget, loss=loss, fractional=True)
+    d = fractional.defer(p)
+    assert ((d >= 0) & (d <= 1)).all()
+    q = torch.ones_like(p) / p.numel()
+    mix = fractional.mix(p, q)
+    assert mix.alpha.item() == pytest.approx(min(budget, p.sum().item()), abs=1e-5)
+    assert abs(mix.unfilled.item()) < 1e-5 or budget >= 1.0
+    exact = kad.exact_deferral(p, budget, loss)
+    greedy = kad.Primal(budget=budget, loss=loss).defer(p)
+    r_frac, r_exact, r_greedy = (risk(p, x, loss).item() for x in (d, exact, greedy))
+    assert r_frac <= r_exact + 1e-5 <= r_greedy + 2e-5
+
+
+def test_per_row_tables_equal_each_rule_alone():
+    """`mix_rows`: rows of every registered rule and parameters in one batch give what each
+    rule gives alone (the runtime's per-row parameter table)."""
+    from kad.rules import mix_rows, rule_row
+
+    rules = [r for r in ALL_RULES if not r.needs_proxy_base] + [kad.ImplicitReward(beta=0.5)]
+    p = torch.softmax(torch.randn(len(rules), 3, 13) * 3, dim=-1)
+    q = torch.softmax(torch.randn(len(rules), 3, 13) * 3, dim=-1)
+    q_base = torch.softmax(torch.randn(len(rules), 3, 13), dim=-1)
+    table = torch.tensor([rule_row(r) for r in rules])
+    together = mix_rows(p, q, q_base, table)
+    for i, rule in enumerate(rules):
+        alone = rule.mix(p[i], q[i], q_base[i])
+        assert torch.allclose(together.pi[i], alone.pi, atol=1e-6), rule
+        assert torch.allclose(together.alpha[i], alone.alpha, atol=1e-6, equal_nan=True), rule

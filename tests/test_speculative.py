@@ -147,12 +147,23 @@ def outcomes(aligner, n: int, seed0: int, **kw) -> tuple[Counter, list[kad.Gener
     [
         (kad.Dual(lam=0.4), {"temperature": 1.0}),
         (kad.Primal(budget=0.9), {"temperature": 1.0}),
+        (kad.Primal(budget=0.6, fractional=True), {"temperature": 1.0}),
+        (kad.ProxyReferenced(delta=0.1), {"temperature": 1.0}),
         (kad.Nudging(lam=0.4), {"temperature": 1.0}),
         (kad.ImplicitReward(), {"temperature": 1.0}),
         (kad.BaseOnly(), {"temperature": 1.0}),
         (kad.Dual(lam=0.3), {"temperature": 0.7, "top_p": 0.9, "top_k": 4}),
     ],
-    ids=["dual", "primal", "nudging", "implicit", "base", "dual-warped"],
+    ids=[
+        "dual",
+        "primal",
+        "fractional",
+        "proxy-referenced",
+        "nudging",
+        "implicit",
+        "base",
+        "dual-warped",
+    ],
 )
 def test_speculative_sampling_has_the_plain_distribution(tiny_vocab, rule, warp):
     """Invariant 4: 3-token outputs of 2000 speculative (γ = 2) and 2000 plain samples pass a

@@ -474,7 +474,7 @@ class ImplicitReward(_RuleBase):
     """
 
     beta: float = param(
-        1.0, "weight β of the proxy's implicit reward", low=-100.0, high=100.0, symbol="β"
+        1.0, "weight β of the proxy's implicit reward", low=0.0, high=100.0, symbol="β"
     )
     name: str = "implicit_reward"
     needs_proxy_base: bool = True
