@@ -18,7 +18,7 @@ from typing import Any
 from kad.errors import KadError
 from kad.eval.runner import SUMMARY_SUFFIX
 from kad.eval.tasks import TASKS
-from kad.rules import RULE_NAMES, make_rule, rule_key, rule_label
+from kad.rules import RULES, make_rule, rule_key, rule_label
 
 RULE_ORDER = ("base", "proxy", "nudging", "implicit-reward", "dual", "primal", "proxy-referenced")
 TASK_TITLES = {
@@ -75,7 +75,7 @@ def method_label(rule: str, params: dict[str, Any]) -> str:
 def _sort_key(key: tuple) -> tuple:
     rule, params = key
     slug = rule_key(rule)  # the table's order, then the registry's
-    order = [*RULE_ORDER, *(name for name in RULE_NAMES if name not in RULE_ORDER)]
+    order = [*RULE_ORDER, *(name for name in RULES if name not in RULE_ORDER)]
     rank = order.index(slug) if slug in order else len(order)
     return rank, [(k, v if isinstance(v, (int, float)) else 0) for k, v in params]
 

@@ -18,7 +18,7 @@ from typing import Any
 from kad.errors import KadError
 from kad.eval.runner import run_eval
 from kad.eval.tasks import Task
-from kad.rules import RULE_NAMES, RULE_PARAMS, RULES, Rule, make_rule, rule_key, rule_slug
+from kad.rules import RULE_PARAMS, RULES, Rule, make_rule, rule_key, rule_slug
 
 DEFAULT_RULES: tuple[str, ...] = (
     "base",
@@ -68,8 +68,8 @@ def grid(
     points: list[Rule] = []
     for name in rules:
         key = rule_key(name)
-        if key not in RULE_NAMES:
-            raise KadError(f"unknown rule {name!r}: choose among {', '.join(RULE_NAMES)}")
+        if key not in RULES:
+            raise KadError(f"unknown rule {name!r}: choose among {', '.join(RULES)}")
         given = {"loss": loss, **fixed}
         common = {k: v for k, v in given.items() if k in RULE_PARAMS[key] and v is not None}
         swept = swept_param(key, loss)
