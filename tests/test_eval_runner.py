@@ -192,8 +192,8 @@ def test_sweep_then_report(
     assert table[0].startswith("| Method | GSM8K (n=2)")
     labels = [line.split("|")[1].strip() for line in table[2:]]
     assert labels == [
-        "Base",
-        "Proxy",
+        "Base alone",
+        "Proxy alone",
         "Nudging λ=0.2",
         "Nudging λ=0.5",
         "KAD dual λ=0.2",

@@ -167,7 +167,7 @@ def test_prompt_over_the_character_limit_is_400_before_tokenizing(
         ("completions", {"prompt": PROMPT, "kad": {"speculative": True}}, "kad.speculative"),
         (
             "completions",
-            {"prompt": PROMPT, "kad": {"rule": "implicit-reward", "beta": -5}},
+            {"prompt": PROMPT, "kad": {"rule": "implicit-reward", "beta": 150}},
             "kad.beta",
         ),
         ("chat/completions", {"messages": [{"role": "user", "content": ""}]}, "messages"),

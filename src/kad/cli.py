@@ -32,18 +32,13 @@ from kad.eval.commands import (
 )
 from kad.options import (
     Base,
-    Beta,
-    Budget,
     Device,
     Dtype,
     Fast,
-    Lam,
-    Loss,
     MaxContext,
     MaxNewTokens,
     MaxRows,
     MemoryFraction,
-    Mu,
     Proxy,
     ProxyBase,
     RuleOpt,
@@ -52,6 +47,7 @@ from kad.options import (
     Temperature,
     TopP,
     load_aligner,
+    with_rule_options,
 )
 
 err_console = Console(stderr=True)
@@ -162,17 +158,14 @@ def check_before_loading(rule: Any, has_proxy_base: bool, prompts: Sequence[str]
 
 @app.command()
 @exits_on_bad_input
+@with_rule_options
 def generate(
     prompts: Annotated[list[str], typer.Argument(help="One or more prompts (user text).")],
     base: Base = None,
     proxy: Proxy = None,
     proxy_base: ProxyBase = None,
     rule: RuleOpt = "dual",
-    lam: Lam = None,
-    budget: Budget = None,
-    beta: Beta = None,
-    loss: Loss = "nll",
-    mu: Mu = None,
+    rule_values: dict[str, Any] | None = None,
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
@@ -197,7 +190,7 @@ def generate(
     from kad.rules import make_rule
     from kad.speculative import parse_speculative
 
-    rule_obj = make_rule(rule, lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
+    rule_obj = make_rule(rule, **(rule_values or {}))
     check_before_loading(rule_obj, proxy_base is not None or base is None, prompts)
     parse_speculative(speculative)
     aligner = load_aligner(

@@ -2,7 +2,7 @@
 
 The world (``kad.world``, ``assets/MODEL_CARD.md``) is a tiny base p that computes well but has
 never seen the instruction format, and a small aligned proxy q* that knows the format but errs on
-arithmetic. The demo decodes the first n held-out test problems greedily with six rules, scores
+arithmetic. The demo decodes the first n held-out test problems greedily with eight rules, scores
 the ``#### <answer>`` line of each generation (exact match), and prints:
 
 - three generations of one problem (base alone, proxy alone, KAD dual), each token coloured by
@@ -35,7 +35,16 @@ from kad.aligner import Aligner
 from kad.display import DEFERRAL_LEGEND, deferral_text
 from kad.errors import KadError
 from kad.outputs import Generation
-from kad.rules import BaseOnly, Dual, ImplicitReward, Nudging, Primal, ProxyOnly, Rule
+from kad.rules import (
+    BaseOnly,
+    Dual,
+    ImplicitReward,
+    Nudging,
+    Primal,
+    ProxyOnly,
+    ProxyReferenced,
+    Rule,
+)
 from kad.world import builtin_aligner, heldout_problems, score
 
 GAMMA = 4  # draft length of the speculative pass
@@ -47,6 +56,8 @@ METHODS: tuple[tuple[str, Rule], ...] = (
     ("implicit reward β=1", ImplicitReward(beta=1.0)),
     ("KAD dual λ=0.4", Dual(lam=0.4)),
     ("KAD primal b=0.9", Primal(budget=0.9)),
+    ("KAD primal b=0.9 fractional", Primal(budget=0.9, fractional=True)),
+    ("proxy-referenced δ=0.1", ProxyReferenced(delta=0.1)),
 )
 SWEEP_LAMBDAS: tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8)
 SWEEP_BUDGETS: tuple[float, ...] = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.99)

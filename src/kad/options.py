@@ -7,12 +7,16 @@ a command uses it as ``base: Base = None``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated
+import inspect
+import typing
+from collections.abc import Callable
+from functools import wraps
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from kad.errors import KadError
-from kad.rules import LOSSES, RULE_NAMES
+from kad.rules import RULE_NAMES, RULES, Param
 
 if TYPE_CHECKING:
     from kad.aligner import Aligner
@@ -42,13 +46,93 @@ ProxyBase = Annotated[
 RuleOpt = Annotated[
     str, typer.Option("--rule", help=f"Deferral rule or baseline: {', '.join(RULE_NAMES)}.")
 ]
-Lam = Annotated[
-    float | None, typer.Option("--lam", help="Threshold λ of dual (default 0.4) and nudging.")
-]
-Budget = Annotated[float | None, typer.Option("--budget", help="Budget b of primal (default 0.9).")]
-Beta = Annotated[float | None, typer.Option("--beta", help="β of implicit reward (default 1).")]
-Loss = Annotated[str, typer.Option("--loss", help=f"Loss of dual and primal: {', '.join(LOSSES)}.")]
-Mu = Annotated[float | None, typer.Option("--mu", help="Threshold μ of dual with a non-nll loss.")]
+# The rule's parameters (--lam, --budget, --beta, --loss, --mu, --delta, --fractional, ...) are
+# not written here: `with_rule_options` derives them from the registry of `kad.rules`.
+
+
+def rule_parameters() -> dict[str, list[tuple[str, Param]]]:
+    """Each parameter name of the registry -> the (rule slug, Param) of every rule taking it, in
+    the registry's order (``lam`` -> dual's and nudging's)."""
+    taken: dict[str, list[tuple[str, Param]]] = {}
+    for slug, spec in RULES.items():
+        for p in spec.params:
+            taken.setdefault(p.name, []).append((slug, p))
+    return taken
+
+
+def _default_text(p: Param) -> str:
+    if p.default is None or p.default is False:
+        return ""
+    return f" (default {p.default:g})" if p.kind is float else f" (default {p.default})"
+
+
+def rule_option_help(name: str, grid: bool = False) -> str:
+    """The help of a rule parameter's option, from the help of each rule that takes it: e.g.
+    ``dual: threshold λ ... (default 0.4); nudging: ...``. With ``grid``: of the sweep's list."""
+    owners = rule_parameters()[name]
+    if grid:
+        p = owners[0][1]
+        rules = ", ".join(slug for slug, _ in owners)
+        return f"Comma-separated {p.symbol} values of {rules} (default: kad.eval.sweep's grid)."
+    texts: dict[str, list[str]] = {}  # rules that say the same share it
+    for slug, p in owners:
+        texts.setdefault(f"{p.help}{_default_text(p)}", []).append(slug)
+    parts = [f"{', '.join(slugs)}: {text}" for text, slugs in texts.items()]
+    first = owners[0][1]
+    if first.choices:
+        parts.append(f"one of {', '.join(first.choices)}")
+    elif first.kind is float and (first.low is not None or first.high is not None):
+        parts.append(f"in {first.range_text()}")
+    return "; ".join(parts) + "."
+
+
+def rule_option(name: str, grid: bool = False) -> inspect.Parameter:
+    """The typer option of one rule parameter (default None: the rule's own default); with
+    ``grid``, a float parameter's ``--<name>s`` list of the sweep."""
+    p = rule_parameters()[name][0][1]
+    flag = "--" + name.replace("_", "-")
+    if grid and p.kind is float:
+        option = typer.Option(flag + "s", help=rule_option_help(name, grid=True))
+        annotation: Any = Annotated[str | None, option]
+    elif p.kind is bool:
+        option = typer.Option(f"{flag}/--no-{flag[2:]}", help=rule_option_help(name))
+        annotation = Annotated[bool | None, option]
+    else:
+        option = typer.Option(flag, help=rule_option_help(name))
+        annotation = Annotated[float | None if p.kind is float else str | None, option]
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return inspect.Parameter(name, kind, default=None, annotation=annotation)
+
+
+def with_rule_options(command: Callable | None = None, *, grid: bool = False) -> Any:
+    """Give a command one option per parameter of the registry's rules in place of its
+    ``rule_values`` argument, which receives them as a dict (None: not given); build the rule
+    with ``make_rule(rule, **rule_values)``. With ``grid`` (the sweep), float parameters take a
+    comma-separated list, ``--lams``, ``--budgets``, ``--deltas``... A rule registered later
+    gets its options in the commands decorated after it."""
+
+    def decorate(command: Callable) -> Callable:
+        hints = typing.get_type_hints(command, include_extras=True)
+        signature = inspect.signature(command)
+        names = list(rule_parameters())
+        params: list[inspect.Parameter] = []
+        for p in signature.parameters.values():
+            if p.name == "rule_values":
+                params += [rule_option(name, grid) for name in names]
+            else:
+                params.append(p.replace(annotation=hints.get(p.name, p.annotation)))
+
+        @wraps(command)
+        def run(*args: Any, **kwargs: Any) -> Any:
+            values = {name: kwargs.pop(name, None) for name in names}
+            return command(*args, rule_values=values, **kwargs)
+
+        run.__signature__ = signature.replace(parameters=params)  # type: ignore[attr-defined]
+        run.__annotations__ = {p.name: p.annotation for p in params}
+        return run
+
+    return decorate if command is None else decorate(command)
+
 
 # --- decoding
 MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")]

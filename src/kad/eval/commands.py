@@ -17,18 +17,13 @@ from kad.errors import KadError
 from kad.eval.tasks import DATA_DIR_ENV, TASKS, get_task
 from kad.options import (
     Base,
-    Beta,
-    Budget,
     Device,
     Dtype,
     Fast,
-    Lam,
-    Loss,
     MaxContext,
     MaxNewTokens,
     MaxRows,
     MemoryFraction,
-    Mu,
     Proxy,
     ProxyBase,
     RuleOpt,
@@ -38,6 +33,7 @@ from kad.options import (
     TopP,
     load_aligner,
     model_paths,
+    with_rule_options,
 )
 
 if TYPE_CHECKING:
@@ -137,17 +133,14 @@ def print_summary(summary: dict[str, Any], folder: Path) -> None:
     err_console.print(f"{line} -> {folder}", soft_wrap=True)
 
 
+@with_rule_options
 def eval_command(
     task: TaskList,
     base: Base = None,
     proxy: Proxy = None,
     proxy_base: ProxyBase = None,
     rule: RuleOpt = "dual",
-    lam: Lam = None,
-    budget: Budget = None,
-    beta: Beta = None,
-    loss: Loss = "nll",
-    mu: Mu = None,
+    rule_values: dict[str, Any] | None = None,
     data_dir: DataDir = None,
     shots: Shots = None,
     limit: Limit = None,
@@ -172,7 +165,7 @@ def eval_command(
     tasks = [get_task(name, shots) for name in split_list(task)]
     if not tasks:
         raise KadError("give at least one --task")
-    rule_obj = make_rule(rule, lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
+    rule_obj = make_rule(rule, **(rule_values or {}))
     paths = model_paths(base, proxy, proxy_base)
     check_proxy_base([rule_obj], paths[2])
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
@@ -205,6 +198,7 @@ def eval_command(
         print_summary(summary, folder)
 
 
+@with_rule_options(grid=True)
 def sweep_command(
     task: TaskList,
     base: Base = None,
@@ -218,20 +212,7 @@ def sweep_command(
             "with a proxy base).",
         ),
     ] = None,
-    lams: Annotated[
-        str | None,
-        typer.Option("--lams", help="λ values of dual and nudging (default: sweep.DEFAULT_LAMS)."),
-    ] = None,
-    budgets: Annotated[
-        str | None,
-        typer.Option("--budgets", help="b values of primal (default: sweep.DEFAULT_BUDGETS)."),
-    ] = None,
-    betas: Annotated[
-        str | None,
-        typer.Option("--betas", help="β values of implicit reward (default: sweep.DEFAULT_BETAS)."),
-    ] = None,
-    loss: Loss = "nll",
-    mus: Annotated[str, typer.Option("--mus", help="μ values of dual with a non-nll loss.")] = "",
+    rule_values: dict[str, Any] | None = None,
     data_dir: DataDir = None,
     shots: Shots = None,
     limit: Limit = None,
@@ -251,7 +232,8 @@ def sweep_command(
 ) -> None:
     """Run the paper's comparison: every task at every grid point, one folder per point.
 
-    Grids left out are those of `kad.eval.sweep` (DEFAULT_LAMS, DEFAULT_BUDGETS, ...)."""
+    Each rule is swept over its parameter of `sweep.swept_param` (λ, b, β, δ...): grids left out
+    are those of `sweep.DEFAULT_GRIDS`."""
     from kad.eval import sweep
     from kad.eval.runner import method_name
 
@@ -266,14 +248,8 @@ def sweep_command(
         err_console.print("no --proxy-base: skipping the implicit-reward baseline")
     else:
         rule_names = list(sweep.DEFAULT_RULES)
-    points = sweep.grid(
-        rule_names,
-        split_floats(lams, "--lams") if lams is not None else sweep.DEFAULT_LAMS,
-        split_floats(budgets, "--budgets") if budgets is not None else sweep.DEFAULT_BUDGETS,
-        split_floats(betas, "--betas") if betas is not None else sweep.DEFAULT_BETAS,
-        loss,
-        split_floats(mus, "--mus"),
-    )
+    grids, loss, fixed = sweep_settings(rule_values or {})
+    points = sweep.grid(rule_names, grids, loss, **fixed)
     check_proxy_base(points, paths[2])
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
     aligner = load_aligner(
@@ -301,6 +277,24 @@ def sweep_command(
     )
     for summary in summaries:
         print_summary(summary, out / method_name(summary["rule"], summary["params"]))
+
+
+def sweep_settings(values: dict[str, Any]) -> tuple[dict[str, list[float]], str, dict[str, Any]]:
+    """The sweep's options as `sweep.grid` takes them: the grids given (``--lams 0.2,0.5`` ->
+    ``{"lam": [0.2, 0.5]}``), the loss, and the other parameters given (``fractional``)."""
+    from kad.options import rule_parameters
+
+    owners = rule_parameters()
+    grids: dict[str, list[float]] = {}
+    fixed: dict[str, Any] = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        if owners[name][0][1].kind is float:
+            grids[name] = split_floats(value, f"--{name}s")
+        else:
+            fixed[name] = value
+    return grids, fixed.pop("loss", None) or "nll", fixed
 
 
 def report_command(

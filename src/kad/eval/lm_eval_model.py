@@ -29,15 +29,39 @@ from tqdm import tqdm
 from kad.aligner import Aligner
 from kad.errors import KadError
 from kad.models import Prompt, Raw
-from kad.rules import make_rule
+from kad.rules import RULES, Rule, make_rule
 
 logger = logging.getLogger(__name__)
+_TRUE, _FALSE = ("true", "1", "yes"), ("false", "0", "no")
+
+
+def rule_from_args(rule: str, values: dict[str, Any]) -> Rule:
+    """The rule of lm-eval's model args: each value read as its registry parameter's kind
+    (lm-eval passes numbers as int or float, ``true`` as a bool or a string), then checked by
+    the registry. A parameter the registry does not know is an error."""
+    kinds = {p.name: p.kind for spec in RULES.values() for p in spec.params}
+    parsed: dict[str, Any] = {}
+    for name, value in values.items():
+        if name not in kinds:
+            raise KadError(f"unknown rule parameter {name!r}: the rules take {', '.join(kinds)}")
+        if isinstance(value, str) and kinds[name] is bool and value.lower() in _TRUE + _FALSE:
+            value = value.lower() in _TRUE
+        elif isinstance(value, str) and kinds[name] is float:
+            try:
+                value = float(value)
+            except ValueError:
+                raise KadError(f"{name} must be a number, got {value!r}") from None
+        elif isinstance(value, int) and not isinstance(value, bool) and kinds[name] is bool:
+            value = bool(value) if value in (0, 1) else value
+        parsed[name] = value
+    return make_rule(rule, **parsed)
 
 
 @register_model("kad")
 class KadLM(LM):
     """lm-eval's view of an `Aligner` and a rule. Model args: base, proxy, proxy_base, rule,
-    lam, budget, beta, loss, mu, max_new_tokens (when the task sets no max_gen_toks),
+    the rule's parameters (lam, budget, beta, loss, mu, delta, fractional: those of the
+    registry, `rule_from_args`), max_new_tokens (when the task sets no max_gen_toks),
     batch_size, speculative, seed, device, dtype, proxy_chat."""
 
     def __init__(
@@ -51,6 +75,8 @@ class KadLM(LM):
         beta: float | None = None,
         loss: str = "nll",
         mu: float | None = None,
+        delta: float | None = None,
+        fractional: bool | None = None,
         max_new_tokens: int = 256,
         batch_size: int | str = 1,
         max_batch_size: int | None = None,
@@ -65,7 +91,8 @@ class KadLM(LM):
             # lm-eval's default device is cuda:0; like its hf model, fall back to the CPU.
             logger.warning("device %s is not available: running on the CPU", device)
             device = "cpu"
-        self.rule = make_rule(str(rule), lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
+        values = {"lam": lam, "budget": budget, "beta": beta, "loss": loss, "mu": mu}
+        self.rule = rule_from_args(str(rule), {**values, "delta": delta, "fractional": fractional})
         self.aligner = Aligner.from_pretrained(
             str(base),
             str(proxy),

@@ -18,8 +18,9 @@ from typing import Any
 from kad.errors import KadError
 from kad.eval.runner import SUMMARY_SUFFIX
 from kad.eval.tasks import TASKS
+from kad.rules import RULES, make_rule, rule_key, rule_label
 
-RULE_ORDER = ("base", "proxy", "nudging", "implicit_reward", "dual", "primal")
+RULE_ORDER = ("base", "proxy", "nudging", "implicit-reward", "dual", "primal", "proxy-referenced")
 TASK_TITLES = {
     "gsm8k": "GSM8K",
     "svamp": "SVAMP",
@@ -61,24 +62,21 @@ def method_key(summary: Summary) -> tuple:
 
 
 def method_label(rule: str, params: dict[str, Any]) -> str:
-    """``KAD dual λ=0.4``, ``KAD primal b=0.9``, ``Nudging λ=0.3``, ``Implicit reward β=1``."""
-    loss = params.get("loss", "nll")
-    suffix = f" ({loss})" if loss != "nll" else ""
-    if rule == "dual":
-        value = f"λ={params['lam']:g}" if "lam" in params else f"μ={params['mu']:g}"
-        return f"KAD dual {value}{suffix}"
-    if rule == "primal":
-        return f"KAD primal b={params['budget']:g}{suffix}"
-    if rule == "nudging":
-        return f"Nudging λ={params['lam']:g}"
-    if rule == "implicit_reward":
-        return f"Implicit reward β={params['beta']:g}"
-    return {"base": "Base", "proxy": "Proxy"}.get(rule, rule)
+    """The registry's `rule_label`, capitalised: ``KAD dual λ=0.4``, ``KAD primal b=0.9``,
+    ``Nudging λ=0.3``, ``Implicit reward β=1``, ``Base alone``; a rule the registry no longer
+    knows, by its name."""
+    try:
+        label = rule_label(make_rule(rule, **params))
+    except KadError:
+        return rule
+    return label[:1].upper() + label[1:]
 
 
 def _sort_key(key: tuple) -> tuple:
     rule, params = key
-    rank = RULE_ORDER.index(rule) if rule in RULE_ORDER else len(RULE_ORDER)
+    slug = rule_key(rule)  # the table's order, then the registry's
+    order = [*RULE_ORDER, *(name for name in RULES if name not in RULE_ORDER)]
+    rank = order.index(slug) if slug in order else len(order)
     return rank, [(k, v if isinstance(v, (int, float)) else 0) for k, v in params]
 
 

@@ -22,7 +22,7 @@ from kad.errors import KadError
 from kad.eval.tasks import Example, Task
 from kad.outputs import jsonable
 from kad.progress import TaskProgress, resume_message
-from kad.rules import Rule
+from kad.rules import Rule, make_rule, rule_slug
 
 RUN_FILE = "run.json"
 SUMMARY_SUFFIX = ".summary.json"
@@ -44,13 +44,9 @@ IDENTITY_KEYS = (
 
 
 def method_name(rule: str, params: dict[str, Any]) -> str:
-    """A short folder-safe name: ``dual-lam0.4``, ``primal-b0.9``, ``dual-squared-mu0.5``."""
-    short = {"lam": "lam", "budget": "b", "beta": "beta", "mu": "mu"}
-    parts = [rule.replace("_", "-")]
-    if params.get("loss", "nll") != "nll":
-        parts.append(str(params["loss"]))
-    parts += [f"{short[k]}{params[k]:g}" for k in short if k in params]
-    return "-".join(parts)
+    """A short folder-safe name, the registry's `rule_slug`: ``dual-lam0.4``, ``primal-b0.9``,
+    ``dual-squared-mu0.5``, ``primal-b0.9-fractional``, ``proxy-referenced-delta0.1``."""
+    return rule_slug(make_rule(rule, **params))
 
 
 def read_records(path: Path) -> list[dict[str, Any]]:

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from kad import rules
 from kad.errors import KadError
-from kad.rules import COLUMNS
 
 CPU_BUDGET = 2**30  # bytes of KV pool on a CPU when nobody says
 CPU_ROWS = 64
@@ -103,7 +103,7 @@ class SlotTable:
     read as views of the first B slots; the host writes a slot when a sequence takes it."""
 
     def __init__(self, rows: int, roles: list[str], device: torch.device) -> None:
-        self.rules = torch.zeros(rows, 1 + len(COLUMNS), device=device)  # rows of rule_row
+        self.rules = torch.zeros(rows, 1 + len(rules.COLUMNS), device=device)  # rule_row's
         self.warps = torch.zeros(rows, 3, device=device)  # temperature, top_k, top_p
         self.seeds = torch.zeros(rows, dtype=torch.long, device=device)
         self.steps = torch.zeros(rows, dtype=torch.long, device=device)  # tokens emitted

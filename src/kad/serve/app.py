@@ -51,6 +51,7 @@ from kad.serve.schema import (
     Usage,
     kad_error,
     resolve_rule,
+    sync_with_registry,
     validation_error,
 )
 from kad.serve.worker import DecodeParams, Job, JobDone, JobFailed, RowDelta, Worker
@@ -203,6 +204,7 @@ def create_app(
     """
     from kad.rules import Dual
 
+    sync_with_registry()  # the request bodies know every rule registered by now
     default_rule = Dual() if rule is None else rule
     default_speculative = None if speculative == 0 else speculative
     worker = Worker(aligner, max_rows=max_rows)

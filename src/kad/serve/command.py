@@ -9,8 +9,8 @@ from typing import Annotated, Any
 import typer
 
 from kad.errors import KadError
-from kad.options import load_aligner
-from kad.rules import LOSSES, RULE_NAMES, make_rule
+from kad.options import load_aligner, with_rule_options
+from kad.rules import RULE_NAMES, make_rule
 from kad.serve.app import MAX_BODY_BYTES, MAX_PROMPT_CHARS, create_app
 from kad.speculative import parse_speculative
 
@@ -42,6 +42,7 @@ def _at_least(name: str, value: float | None, low: float) -> None:
         raise KadError(f"{name} must be >= {low}, got {value}")
 
 
+@with_rule_options
 def serve_command(
     base: Annotated[
         str | None,
@@ -62,15 +63,7 @@ def serve_command(
         ),
     ] = None,
     rule: Annotated[str, typer.Option(help=f"Default rule: {', '.join(RULE_NAMES)}.")] = "dual",
-    lam: Annotated[float | None, typer.Option(help="Threshold λ of dual and nudging.")] = None,
-    budget: Annotated[float | None, typer.Option(help="Budget b of primal.")] = None,
-    beta: Annotated[float | None, typer.Option(help="β of implicit reward.")] = None,
-    mu: Annotated[
-        float | None, typer.Option(help="Threshold μ of dual with a non-nll loss.")
-    ] = None,
-    loss: Annotated[
-        str, typer.Option(help=f"Loss of dual and primal: {', '.join(LOSSES)}.")
-    ] = "nll",
+    rule_values: dict[str, Any] | None = None,
     speculative: Annotated[
         str | None,
         typer.Option(help="Default draft length γ (proxy as drafter), 'auto', or 0 (off)."),
@@ -118,7 +111,7 @@ def serve_command(
         raise KadError("give either --random-init or model paths, not both")
     if (base is None) != (proxy is None):
         raise KadError("give both --base and --proxy, or neither (to serve the built-in pair)")
-    chosen = make_rule(rule, lam=lam, budget=budget, beta=beta, loss=loss, mu=mu)
+    chosen = make_rule(rule, **(rule_values or {}))
     gamma = server_speculative(speculative)
     for name, value in (
         ("--max-rows", max_rows),

@@ -11,11 +11,13 @@ common OpenAI clients send are accepted when they ask for nothing this server la
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import (
+    AfterValidator,
     AllowInfNan,
     BaseModel,
     BeforeValidator,
@@ -24,15 +26,26 @@ from pydantic import (
     Strict,
     StrictBool,
     StrictInt,
+    StrictStr,
+    create_model,
     field_validator,
 )
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
 
 from kad.errors import ContextLengthError, KadError, PromptError
-from kad.rules import RULE_PARAMS, Rule, make_rule, rule_key, rule_params
+from kad.rules import (
+    COLUMNS,
+    RULE_NAMES,
+    RULE_PARAMS,
+    RULES,
+    Param,
+    Rule,
+    make_rule,
+    rule_key,
+    rule_params,
+)
 
-RuleName = Literal[
-    "dual", "primal", "nudging", "implicit-reward", "implicit_reward", "base", "proxy"
-]
 SEED_MAX = 2**63 - 1
 
 # What a refused value of each field means, for the 400's message (the field's own check is
@@ -166,22 +179,74 @@ def _problem(problem: dict[str, Any]) -> str:
 # --- request bodies --------------------------------------------------------------------------
 
 
-class KadOptions(BaseModel):
-    """Per-request KAD parameters; fields left out keep the server's defaults."""
+def rule_names() -> tuple[str, ...]:
+    """The names a request's ``kad.rule`` may take: the registry's slugs and their underscore
+    spellings ("implicit-reward", "implicit_reward")."""
+    aliases = [slug.replace("-", "_") for slug in RULES if "-" in slug]
+    return (*RULES, *aliases)
 
-    model_config = ConfigDict(extra="forbid")
 
-    rule: RuleName | None = Field(None, description="deferral rule or baseline")
-    lam: Number | None = Field(None, ge=0, description="dual / nudging threshold λ")
-    budget: Number | None = Field(None, ge=0, le=1, description="primal budget b")
-    beta: Number | None = Field(None, ge=0, le=100, description="implicit-reward β")
-    loss: Literal["nll", "squared", "margin", "zero_one"] | None = None
-    mu: Number | None = Field(
-        None, ge=0, description="dual threshold μ; for the nll loss it means λ = e^-μ"
+def _registry_check(owners: list[Param]) -> Callable[[Any], Any]:
+    """A field validator that accepts what one of ``owners`` (the rules' Params of one name)
+    accepts, and else fails with the registry's message (the library's and the CLI's)."""
+
+    def check(value: Any) -> Any:
+        error: KadError | None = None
+        for p in owners:
+            try:
+                return p.check(value)
+            except KadError as failed:
+                error = error or failed
+        raise PydanticCustomError("kad_parameter", "{message}", {"message": str(error)})
+
+    return check
+
+
+def _param_field(owners: list[tuple[str, Param]]) -> tuple[Any, Any]:
+    """The request field of one rule parameter: its JSON type, documented range or choices, and
+    the registry's own check (so that a bad value gets the registry's message)."""
+    first = owners[0][1]
+    kind: Any = {bool: StrictBool, str: StrictStr}.get(first.kind, Number)
+    extra: dict[str, Any] = {"enum": list(first.choices)} if first.choices else {}
+    if first.low is not None:
+        extra["minimum"] = first.low
+    if first.high is not None:
+        extra["maximum"] = first.high
+    rules = ", ".join(slug for slug, _ in owners)
+    description = f"{rules}: {first.help}"
+    checked = Annotated[kind, AfterValidator(_registry_check([p for _, p in owners]))]
+    return checked | None, Field(None, description=description, json_schema_extra=extra or None)
+
+
+def kad_options_model() -> type[BaseModel]:
+    """The ``kad`` object of a request, built from the rule registry: ``rule`` (a slug or its
+    underscore spelling), one field per rule parameter (``lam``, ``budget``, ``delta``,
+    ``fractional``...), and ``speculative``."""
+    owners: dict[str, list[tuple[str, Param]]] = {}
+    for slug, spec in RULES.items():
+        for p in spec.params:
+            owners.setdefault(p.name, []).append((slug, p))
+    fields: dict[str, Any] = {
+        "rule": (
+            Literal[rule_names()] | None,  # type: ignore[valid-type]
+            Field(None, description="deferral rule or baseline"),
+        )
+    }
+    fields |= {name: _param_field(found) for name, found in owners.items()}
+    fields["speculative"] = (
+        Annotated[StrictInt, Field(ge=0, le=16)] | Literal["auto"] | None,
+        Field(None, description="draft length γ of speculative decoding; 0 turns it off; 'auto'"),
     )
-    speculative: Annotated[StrictInt, Field(ge=0, le=16)] | Literal["auto"] | None = Field(
-        None, description="draft length γ of speculative decoding; 0 turns it off; 'auto'"
+    return create_model(
+        "KadOptions",
+        __config__=ConfigDict(extra="forbid"),
+        __doc__="Per-request KAD parameters; fields left out keep the server's defaults.",
+        **fields,
     )
+
+
+KadOptions = kad_options_model()
+_BUILT_FOR = (RULE_NAMES, COLUMNS)
 
 
 class StreamOptions(BaseModel):
@@ -215,7 +280,7 @@ class SamplingRequest(BaseModel):
     logit_bias: Annotated[dict[str, Any], Field(max_length=0)] | None = Field(
         None, description="only {} is supported"
     )
-    kad: KadOptions | None = None
+    kad: KadOptions | None = None  # type: ignore[valid-type]
 
     def include_usage(self) -> bool:
         """Whether a stream ends with a usage chunk (``stream_options.include_usage``)."""
@@ -285,6 +350,23 @@ class ChatCompletionRequest(SamplingRequest):
         if not any(m.text().strip() for m in messages):
             raise ValueError("the messages hold no text: give at least one non-empty content")
         return messages
+
+
+def sync_with_registry() -> None:
+    """Rebuild `KadOptions` and the request bodies if rules were registered since they were
+    built (`create_app` calls it), so that a new rule and its parameters are served at once."""
+    global KadOptions, _BUILT_FOR
+    import kad.rules as rules
+
+    now = (rules.RULE_NAMES, rules.COLUMNS)
+    if now == _BUILT_FOR:
+        return
+    KadOptions = kad_options_model()
+    for model in (SamplingRequest, CompletionRequest, ChatCompletionRequest):
+        field = FieldInfo.from_annotated_attribute(KadOptions | None, None)
+        model.__pydantic_fields__["kad"] = field
+        model.model_rebuild(force=True)
+    _BUILT_FOR = now
 
 
 # --- responses -------------------------------------------------------------------------------
