@@ -134,6 +134,8 @@ def test_cli_and_library_agree_with_the_server_on_speculative_0_and_empty_stops(
         tiny_aligner.generate("hi", max_new_tokens=3, stop=[""])
     with pytest.raises(kad.PromptError, match="no prompts"):
         tiny_aligner.score([], [])
+    with pytest.raises(kad.PromptError, match="surrogate"):
+        tiny_aligner.score(["hi"], ["lone \ud800"])
 
 
 def test_cli_generate_prints_text_json_and_deferral(tiny_dirs, tiny_aligner):

@@ -29,6 +29,7 @@ from kad.models import (
     shared_vocab_size,
 )
 from kad.outputs import Generation
+from kad.prompt import check_text
 from kad.rules import Dual, Rule, make_rule
 from kad.runtime.runner import log_probs
 from kad.runtime.scheduler import PREFILL_CHUNK, Runtime, Session
@@ -321,6 +322,10 @@ class Aligner:
         if len(batch) != len(conts):
             raise KadError(f"{len(batch)} prompts but {len(conts)} continuations")
         rule = self._check_rule(Dual() if rule is None else rule)
+        for i, text in enumerate(conts):
+            if not isinstance(text, str):
+                raise KadError(f"continuation {i} must be text, got {text!r}")
+            check_text(text, f"continuation {i}")
         cont_ids = [self.tokenizer(c, add_special_tokens=False)["input_ids"] for c in conts]
         if any(not ids for ids in cont_ids):
             raise KadError("a continuation to score is empty")
