@@ -608,8 +608,6 @@ def mix_rows(
     cols = {name: table[:, 1 + i].reshape(shape) for i, name in enumerate(COLUMNS)}
     if "loss" in cols:
         cols["loss"] = cols["loss"].long()
-    if "fractional" in cols:
-        cols["fractional"] = cols["fractional"]
     kind = table[:, 0].long().reshape(shape)
     specs = [s for s in RULES.values() if kinds is None or s.kind in kinds]
     specs = [s for s in specs if q_base is not None or not s.needs_proxy_base]

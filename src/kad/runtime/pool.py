@@ -110,7 +110,6 @@ class SlotTable:
         self.active = torch.zeros(rows, dtype=torch.bool, device=device)  # decoding now
         self.uses_proxy_base = torch.zeros(rows, dtype=torch.long, device=device)  # 0 or 1
         self.pending = {role: torch.zeros(rows, dtype=torch.long, device=device) for role in roles}
-        self.device = device
 
     def tensors(self) -> list[torch.Tensor]:
         """Everything a round mutates here (for warm-ups that must undo it)."""

@@ -97,6 +97,7 @@ class Runtime:
         self.slots: list[Sequence | None] = [None] * rows  # occupied slots are 0..used-1
         self.waiting: deque[Sequence] = deque()
         self.auto = AutoGamma()
+        self._weight_bytes = (_bytes(self.runners["proxy"]), _bytes(self.runners["base"]))
         self.graphed = all(r.graphable for r in self.runners.values())
         self.graphs: dict[tuple[int, int, bool], Graph] = {}
         self._pool = None
@@ -277,7 +278,7 @@ class Runtime:
         if isinstance(base, StaticRunner) and isinstance(proxy, StaticRunner):
             costs = proxy.step_seconds(batch, 1), base.step_seconds(batch, gamma + 1)
         else:  # no cheap device timing: the weights' bytes
-            costs = _bytes(proxy), _bytes(base)
+            costs = self._weight_bytes
         self.auto.update(sum(accepted) / judged, *costs)
 
     @torch.inference_mode()

@@ -75,11 +75,6 @@ class Sequence:
     def finished(self) -> bool:
         return self.status == "finished"
 
-    def roles(self, available: Seq[str]) -> list[str]:
-        """The models this sequence runs in: the proxy's base only if its rule reads it."""
-        needs = self.request.rule.needs_proxy_base
-        return [r for r in available if r != "proxy_base" or needs]
-
     def prefill_left(self, role: str) -> list[int]:
         """Prompt tokens still to cache in ``role`` (all but the last, which is fed next)."""
         return self.request.prompt_ids[role][:-1][self.cached.get(role, 0) :]
