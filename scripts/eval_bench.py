@@ -29,6 +29,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-tokens", type=int, default=256)
     parser.add_argument("--max-rows", type=int, default=64)
     parser.add_argument("--max-context", type=int, default=512)
+    parser.add_argument(
+        "--prefill-delays", default="0", help="comma-separated runtime prefill_delay values"
+    )
     parser.add_argument("--json", action="store_true")
     return parser.parse_args()
 
@@ -60,8 +63,13 @@ def main() -> None:
     prompts = [f"Question {i}: how many apples are left?" for i in range(args.examples)]
     budgets = [rng.randint(args.min_tokens, args.max_tokens) for _ in prompts]
     aligner.generate(prompts[: args.batch_size], max_new_tokens=8)  # warm
-    stream_s, out = timed(lambda: aligner.generate(prompts, max_new_tokens=budgets))
-    tokens = sum(len(g.token_ids) for g in out)
+    streamed = {}
+    for delay in (int(d) for d in args.prefill_delays.split(",")):
+        aligner.runtime.prefill_delay = delay
+        stream_s, out = timed(lambda: aligner.generate(prompts, max_new_tokens=budgets))
+        tokens = sum(len(g.token_ids) for g in out)
+        streamed[delay] = stream_s
+    aligner.runtime.prefill_delay = 0
 
     def batches() -> list[Any]:
         size = args.batch_size
@@ -76,11 +84,13 @@ def main() -> None:
     result = {
         "examples": args.examples,
         "tokens": tokens,
-        "streamed_tokens_per_s": round(tokens / stream_s, 1),
+        "streamed_tokens_per_s": {
+            f"prefill_delay={d}": round(tokens / s, 1) for d, s in streamed.items()
+        },
         "fixed_batches_tokens_per_s": round(tokens / fixed_s, 1),
         "batch_size": args.batch_size,
         "max_rows": aligner.runtime.rows,
-        "speedup": round(fixed_s / stream_s, 2),
+        "speedup": {f"prefill_delay={d}": round(fixed_s / s, 2) for d, s in streamed.items()},
     }
     print(json.dumps(result, indent=2 if args.json else None))
 

@@ -60,6 +60,11 @@ def parse_args() -> argparse.Namespace:
         "--client-procs", type=int, default=1, help="processes the clients run in (GIL apart)"
     )
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: as kad serve)")
+    parser.add_argument(
+        "--prefill-delays",
+        default="0",
+        help="comma-separated runtime prefill_delay values; every mode runs under each",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser.parse_args()
 
@@ -138,11 +143,13 @@ async def drive(
         queue.put_nowait(i)
     first_token: list[float] = []
     latencies: list[float] = []
+    spans: list[tuple[int, float, float, int]] = []  # (client, first token, end, tokens)
     tokens = failures = 0
 
-    async def one(i: int) -> None:
+    async def one(i: int, who: int) -> None:
         nonlocal tokens
         start = time.perf_counter()
+        first = made = 0
         common = {"model": "kad", "stream": True, "stream_options": {"include_usage": True}}
         if args.endpoint == "chat":
             messages = [{"role": "user", "content": questions[i]}]
@@ -153,26 +160,30 @@ async def drive(
         async for chunk in stream:
             if not seen and chunk.choices:
                 first_token.append(time.perf_counter() - start)
-                seen = True
+                first, seen = time.time(), True
             if chunk.usage is not None:
-                tokens += chunk.usage.completion_tokens
+                made = chunk.usage.completion_tokens
+                tokens += made
         latencies.append(time.perf_counter() - start)
+        spans.append((who, first, time.time(), made))
 
-    async def worker() -> None:
+    async def worker(who: int) -> None:
         nonlocal failures
         while not queue.empty():
             i = queue.get_nowait()
             try:
-                await one(i)
+                await one(i, who)
             except openai.OpenAIError as error:
                 failures += 1
                 print(f"request {i} failed: {error}", file=sys.stderr)
 
     async with client:
         start = time.time()
-        await asyncio.gather(*(worker() for _ in range(args.clients // args.client_procs)))
+        clients = args.clients // args.client_procs
+        await asyncio.gather(*(worker(part * clients + c) for c in range(clients)))
         end = time.time()
     return {
+        "spans": spans,
         "ttft": first_token,
         "latency": latencies,
         "tokens": tokens,
@@ -199,7 +210,9 @@ def load(args: argparse.Namespace, url: str, count: int, mode: str) -> dict[str,
     latency = [t for p in parts for t in p["latency"]]
     wall = max(p["end"] for p in parts) - min(p["start"] for p in parts)
     tokens = sum(p["tokens"] for p in parts)
+    steady = steady_rate([span for p in parts for span in p["spans"]])
     return {
+        **steady,
         "mode": mode,
         "requests": count,
         "completed": len(latency),
@@ -210,6 +223,30 @@ def load(args: argparse.Namespace, url: str, count: int, mode: str) -> dict[str,
         "ttft_p99_s": round(percentile(ttft, 0.99), 3),
         "latency_p50_s": round(statistics.median(latency), 3),
         "latency_p99_s": round(percentile(latency, 0.99), 3),
+    }
+
+
+def steady_rate(spans: list[tuple[int, float, float, int]]) -> dict[str, float]:
+    """Completion tokens/s while every client is busy: from the moment the last client gets
+    its first token to the moment the first client has sent its last request and got it back
+    (before it, the run ramps up; after it, fewer requests remain than clients, the tail).
+    A request's tokens count in proportion to the part of its decoding (first token to end)
+    that lies in the window."""
+    clients: dict[int, list[tuple[float, float, int]]] = {}
+    for who, first, end, made in spans:
+        clients.setdefault(who, []).append((first, end, made))
+    start = max(min(first for first, _, _ in reqs) for reqs in clients.values())
+    stop = min(max(end for _, end, _ in reqs) for reqs in clients.values())
+    if stop <= start:
+        return {"steady_s": 0.0, "steady_tokens_per_s": 0.0}
+    inside = 0.0
+    for first, end, made in (r for reqs in clients.values() for r in reqs):
+        if end > first:
+            overlap = max(0.0, min(end, stop) - max(first, start))
+            inside += made * overlap / (end - first)
+    return {
+        "steady_s": round(stop - start, 2),
+        "steady_tokens_per_s": round(inside / (stop - start), 1),
     }
 
 
@@ -225,6 +262,13 @@ def static_batch(args: argparse.Namespace, aligner: Any) -> dict[str, Any]:
     wall = time.perf_counter() - start
     made = sum(len(g.token_ids) for g in out)
     return {"rows": args.clients, "tokens": made, "tokens_per_s": round(made / wall, 1)}
+
+
+def _counters(runtime: Any) -> tuple[int, int, int]:
+    """The runtime's rounds, rows decoded and prefills so far (zeros for a remote server)."""
+    if runtime is None:
+        return (0, 0, 0)
+    return (runtime.rounds, runtime.row_rounds, runtime.prefills)
 
 
 def main() -> None:
@@ -253,13 +297,26 @@ def main() -> None:
             result["static"] = static_batch(args, aligner)
         url, server, thread = start_server(args, aligner)
     result["runs"] = []
+    runtime = aligner.runtime if args.url is None else None
     try:
-        for mode in modes:
+        for mode, delay in [(m, int(d)) for d in args.prefill_delays.split(",") for m in modes]:
+            if runtime is not None:
+                runtime.prefill_delay = delay
             load(args, url, args.clients, mode)  # warm-up pass, not counted
+            before = _counters(runtime)
             run = load(args, url, args.requests, mode)
+            if runtime is not None:
+                rounds, rows, prefills = (a - b for a, b in zip(_counters(runtime), before, strict=True))
+                run |= {
+                    "prefill_delay": delay,
+                    "rounds_per_s": round(rounds / run["wall_s"], 1),
+                    "mean_rows": round(rows / max(rounds, 1), 1),
+                    "prefills_per_round": round(prefills / max(rounds, 1), 3),
+                }
             if "static" in result:
-                share = run["completion_tokens_per_s"] / result["static"]["tokens_per_s"]
-                run["share_of_static"] = round(share, 3)
+                static = result["static"]["tokens_per_s"]
+                run["share_of_static"] = round(run["completion_tokens_per_s"] / static, 3)
+                run["steady_share_of_static"] = round(run["steady_tokens_per_s"] / static, 3)
             result["runs"].append(run)
             print(json.dumps(run), file=sys.stderr, flush=True)
     finally:

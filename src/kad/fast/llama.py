@@ -250,13 +250,15 @@ def layer_forward(
     mask: torch.Tensor,
     arch: Arch,
     start: int = 0,
+    slots: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One decoder layer: x ``[B, n, E]`` -> ``[B, n, E]``, for the pool rows start..start+B−1.
+    """One decoder layer: x ``[B, n, E]`` -> ``[B, n, E]``, for the pool rows start..start+B−1
+    (or, given ``slots`` ``[B]``, for those rows of the pool).
 
     Writes this step's keys and values into the pool's k_cache/v_cache ``[R, Hkv, S, D]`` at each
     row's columns ``cols`` ``[B, n]`` (in place, on the whole pool tensor: a compiled step then
     writes only those columns), then attends over the first W columns of its rows that ``mask``
-    ``[B, 1, 1, n, W]`` shows.
+    ``[B, 1, 1, n, W]`` shows (rows start..start+B−1 are read as views, ``slots`` gathered).
     cos/sin ``[B, 1, n, D]`` are the RoPE tables at each token's position.
     """
     batch, n, _ = x.shape
@@ -272,12 +274,19 @@ def layer_forward(
         q, k = rms_norm(q, w.q_norm, eps, wf), rms_norm(k, w.k_norm, eps, wf)
     q = rope(q.transpose(1, 2), cos, sin)  # [B, H, n, D]
     k = rope(k.transpose(1, 2), cos, sin)  # [B, Hkv, n, D]
-    rows = (torch.arange(batch, device=x.device) + start).unsqueeze(-1)  # [B, 1]
+    if slots is None:
+        rows = (torch.arange(batch, device=x.device) + start).unsqueeze(-1)  # [B, 1]
+    else:
+        rows = slots.unsqueeze(-1)
     k_cache[rows, :, cols] = k.transpose(1, 2)  # [B, n, Hkv, D] at (row, column)
     v_cache[rows, :, cols] = v
     width = mask.shape[-1]
-    k_rows = k_cache[start : start + batch, :, :width]  # [B, Hkv, W, D] views
-    v_rows = v_cache[start : start + batch, :, :width]
+    if slots is None:
+        k_rows = k_cache[start : start + batch, :, :width]  # [B, Hkv, W, D] views
+        v_rows = v_cache[start : start + batch, :, :width]
+    else:
+        k_rows = k_cache[slots, :, :width]  # [B, Hkv, W, D] gathered
+        v_rows = v_cache[slots, :, :width]
     attn = linear(attend(q, k_rows, v_rows, mask), w.o)
     if arch.post_norm:
         x = x + rms_norm(attn, w.norm_attn, eps, wf)

@@ -2,20 +2,29 @@
 
 State, allocated once and updated in place so that captured CUDA graphs stay valid:
 
-- ``k[l]``, ``v[l]``  the cache of layer l ``[R, Hkv, S, D]``: slot r's token at position t
-  lives at column t;
+- ``keys``, ``values`` ``[L, R + 1, Hkv, S, D]``, viewed per layer as ``k[l]``, ``v[l]``: slot
+  r's token at position t lives at column t (slot R is the scratch slot, below);
 - ``lengths`` ``[R]``  tokens committed per slot (`kad.runtime.runner` explains the contract);
 - ``cos``, ``sin`` ``[S, D]``  the model's own RoPE tables for positions 0..S−1.
 
 A forward over slots start..start+B−1 is a view of the first dimension, so the rows of a batch
 are the pool's first rows (the scheduler keeps the occupied slots packed). Decode-sized forwards
-run the compiled layer (and are captured in the round's graph on a GPU); prefill chunks run the
-plain layer eagerly. On a CPU everything runs eagerly and attends only over the columns in use.
+run the compiled layer (and are captured in the round's graph on a GPU). On a CPU everything
+runs eagerly and attends only over the columns in use.
+
+**Prefill on a GPU** runs as CUDA graphs of the plain layer too, one per (rows, tokens, width)
+bucket (`PREFILL_ROWS` × `PREFILL_TOKENS` within `PREFILL_AREA` padded tokens, widths a power
+of 4 below the context): an eager forward launches hundreds of kernels per model, tens of
+milliseconds of Python each time a request joins. A graph reads its slots from a buffer, so the
+rows need not be consecutive; padding rows point at one scratch slot past the pool (index R),
+which no sequence uses. Chunks too long for a bucket run eagerly (they are compute-bound).
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +32,12 @@ from transformers import PreTrainedModel
 
 from kad.fast.graphs import Graph, compiled_layer, mark_step_dynamic, seconds, static_shapes
 from kad.fast.llama import LlamaFamily, layer_forward, rms_norm
-from kad.runtime.runner import log_probs
+from kad.runtime.runner import log_probs, prefill_in_runs
+
+PREFILL_ROWS = (1, 2, 3, 4, 6, 8)
+PREFILL_TOKENS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
+PREFILL_AREA = 512  # padded tokens (rows × tokens) of one graphed prefill
+PREFILL_MIN_WIDTH = 256
 
 
 class StaticRunner:
@@ -38,9 +52,11 @@ class StaticRunner:
         *,
         graphs: bool | None = None,
         compile: bool | None = None,
+        graph_pool: object = None,
     ) -> None:
-        """graphs: capture rounds as CUDA graphs (default: on a CUDA device). compile: run the
-        decode layers compiled by Inductor (default: with graphs, unless KAD_COMPILE=0)."""
+        """graphs: capture rounds (and prefill) as CUDA graphs (default: on a CUDA device).
+        compile: run the decode layers compiled by Inductor (default: with graphs, unless
+        KAD_COMPILE=0). graph_pool: the memory pool the prefill graphs share with the rounds'."""
         self.model = model
         self.net = LlamaFamily(model, vocab_size)
         self.vocab_size = vocab_size
@@ -51,52 +67,151 @@ class StaticRunner:
         self.compiled = compile
         self.layer_fn = compiled_layer() if compile else layer_forward
         self.rows, self.context = rows, context
-        shape = self.net.kv_shape(rows, context)
+        scratch = 1  # slot R: where the padding rows of bucketed prefills write
+        shape = self.net.kv_shape(rows + scratch, context)
         dtype, dev = self.net.dtype, self.device
-        self.k = [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.net.layers]
-        self.v = [torch.zeros(shape, dtype=dtype, device=dev) for _ in self.net.layers]
-        self.lengths = torch.zeros(rows, dtype=torch.long, device=dev)
+        layers = len(self.net.layers)
+        self.keys = torch.zeros(layers, *shape, dtype=dtype, device=dev)  # [L, R+1, Hkv, S, D]
+        self.values = torch.zeros_like(self.keys)
+        self.k, self.v = list(self.keys), list(self.values)  # per-layer views
+        self.lengths = torch.zeros(rows + scratch, dtype=torch.long, device=dev)
         self.cos, self.sin = self.net.rope_tables(context)  # [S, D]
         self.columns = torch.arange(context, device=dev)
         self._timings: dict[tuple[int, int], float] = {}
+        self.graph_pool = graph_pool
+        self._prefills: dict[tuple[int, int, int], Graph] = {}
 
     @property
     def kv_bytes(self) -> int:
         """Bytes of the pool's keys and values."""
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in (self.keys, self.values))
 
     def forward(self, start, tokens, *, width=None, live=None, heads=True):
         """See `Runner.forward`. Positions past the pool (drafts of a row at its budget's end,
         rows that are not live) are clamped to the last column, which no committed token uses."""
-        batch, n = tokens.shape
+        batch = tokens.shape[0]
         width = self.context if width is None else min(width, self.context)
-        positions = self.lengths[start : start + batch, None] + torch.arange(
-            n, device=self.device
-        )  # [B, n]
+        x = self._layers(self.lengths[start : start + batch], tokens, width, start, None, heads)
+        if not heads:
+            return None
+        arch = self.net.arch
+        x = rms_norm(x, self.net.norm, arch.eps, arch.weight_first)
+        return log_probs(F.linear(x, self.net.head))
+
+    def _layers(
+        self,
+        lengths: torch.Tensor,
+        tokens: torch.Tensor,
+        width: int,
+        start: int,
+        slots: torch.Tensor | None,
+        decode: bool,
+    ) -> torch.Tensor:
+        """The decoder layers over ``tokens`` ``[B, n]`` of rows whose lengths are ``lengths``
+        ``[B]``: rows start.. or ``slots``; returns the last hidden states ``[B, n, E]``."""
+        n = tokens.shape[1]
+        positions = lengths[:, None] + torch.arange(n, device=self.device)  # [B, n]
         cols = positions.clamp(max=width - 1)
         cos = self.cos[cols].unsqueeze(1)  # [B, 1, n, D]
         sin = self.sin[cols].unsqueeze(1)
         mask = (self.columns[:width] <= positions.unsqueeze(-1))[:, None, None]  # [B,1,1,n,W]
         x = F.embedding(tokens.to(self.device), self.net.embed)  # [B, n, E]
         arch = self.net.arch
-        decode = n <= 16 and heads
-        layer_fn = self.layer_fn if decode else layer_forward
+        compiled = decode and n <= 16 and self.compiled
+        layer_fn = self.layer_fn if compiled else layer_forward
         with static_shapes():
             for layer, k, v in zip(self.net.layers, self.k, self.v, strict=True):
-                if decode and self.compiled:
+                if compiled:
                     mark_step_dynamic(x, cols, (cos, sin), mask)
-                x = layer_fn(x, layer, k, v, cols, cos, sin, mask, arch, start)
-        if not heads:
-            return None
-        x = rms_norm(x, self.net.norm, arch.eps, arch.weight_first)
-        return log_probs(F.linear(x, self.net.head))
+                x = layer_fn(x, layer, k, v, cols, cos, sin, mask, arch, start, slots)
+        return x
+
+    def prefill(self, chunks, cached):
+        """See `Runner.prefill`: graphed on a GPU where the chunks fit a bucket (module doc)."""
+        if not self.graphable:
+            return prefill_in_runs(self, chunks, cached)
+        self.bucketed_prefill(chunks, cached, self._prefill_graph)
+
+    def bucketed_prefill(
+        self,
+        chunks: dict[int, list[int]],
+        cached: dict[int, int],
+        program: Callable[[int, int, int], Graph | Program],
+    ) -> None:
+        """Prefill by (rows, tokens, width) buckets, each run by ``program(rows, n, width)``
+        (a captured graph, or the same program run eagerly); longer chunks run eagerly."""
+        small = {s: c for s, c in chunks.items() if len(c) <= PREFILL_TOKENS[-1]}
+        if len(small) < len(chunks):
+            prefill_in_runs(self, {s: c for s, c in chunks.items() if s not in small}, cached)
+        for group in _groups(small):
+            rows = _fit(len(group), PREFILL_ROWS)
+            n = _fit(len(small[group[0]]), PREFILL_TOKENS)
+            step = program(rows, n, self._prefill_width(max(cached[s] for s in group) + n))
+            slots, tokens, counts = step.inputs
+            host = torch.zeros(3, rows, n, dtype=torch.long)  # slots, counts, tokens
+            host[0].fill_(self.rows)
+            for b, slot in enumerate(group):
+                host[0, b], host[1, b] = slot, len(small[slot])
+                host[2, b, : len(small[slot])] = torch.tensor(small[slot])
+            host = host.to(self.device)
+            slots.copy_(host[0, :, 0])
+            counts.copy_(host[1, :, 0])
+            tokens.copy_(host[2])
+            step.replay()
+
+    def prefill_program(self, rows: int, n: int, width: int) -> Program:
+        """The prefill of ``rows`` slots × ``n`` tokens over ``width`` columns, on buffers:
+        slots ``[rows]`` (padding: the scratch slot R), tokens ``[rows, n]``, counts ``[rows]``
+        (the real tokens of each row, committed). Only the scratch slot is written while the
+        buffers hold their initial values, so a warm-up run changes nothing."""
+        dev = self.device
+        slots = torch.full((rows,), self.rows, dtype=torch.long, device=dev)
+        tokens = torch.zeros(rows, n, dtype=torch.long, device=dev)
+        counts = torch.zeros(rows, dtype=torch.long, device=dev)
+
+        def run() -> None:
+            self._layers(self.lengths[slots], tokens, width, 0, slots, False)
+            self.lengths.index_add_(0, slots, counts)
+
+        return Program(run, (slots, tokens, counts))
+
+    def _prefill_widths(self) -> list[int]:
+        """Width buckets of graphed prefills: the context and its power-of-4 fractions down to
+        `PREFILL_MIN_WIDTH`, smallest first."""
+        widths = [self.context]
+        while widths[-1] // 4 >= PREFILL_MIN_WIDTH:
+            widths.append(widths[-1] // 4)
+        return widths[::-1]
+
+    def _prefill_width(self, need: int) -> int:
+        return next((w for w in self._prefill_widths() if w >= need), self.context)
+
+    def _prefill_graph(self, rows: int, n: int, width: int) -> Graph:
+        """`prefill_program` captured (once per bucket)."""
+        key = (rows, n, width)
+        if key not in self._prefills:
+            program = self.prefill_program(rows, n, width)
+            self._prefills[key] = Graph(
+                program.run, program.run, self.device, inputs=program.inputs, pool=self.graph_pool
+            )
+        return self._prefills[key]
+
+    def capture_prefill(self) -> int:
+        """Capture every prefill bucket now (at start-up); returns how many exist."""
+        if self.graphable:
+            for rows in PREFILL_ROWS:
+                for n in PREFILL_TOKENS:
+                    for width in self._prefill_widths():
+                        if rows * n <= PREFILL_AREA and self._prefill_width(n) <= width:
+                            self._prefill_graph(rows, n, width)
+        return len(self._prefills)
 
     def advance(self, start, counts):
         self.lengths[start : start + counts.shape[0]] += counts
 
     def move(self, src, dst, used):
-        for cache in self.k + self.v:
-            cache[dst, :, :used] = cache[src, :, :used]
+        for cache in (self.keys, self.values):  # every layer in one copy
+            cache[:, dst, :, :used] = cache[:, src, :, :used]
         self.lengths[dst] = self.lengths[src]
         self.lengths[src] = 0
 
@@ -118,3 +233,35 @@ class StaticRunner:
             else:
                 self._timings[key] = seconds(run, self.device, 3)
         return self._timings[key]
+
+
+class Program(NamedTuple):
+    """A function over fixed buffers, run eagerly: `Graph`'s interface without the capture."""
+
+    run: Callable[[], None]
+    inputs: tuple[torch.Tensor, ...]
+
+    def replay(self) -> None:
+        self.run()
+
+
+def _fit(value: int, buckets: tuple[int, ...]) -> int:
+    """The smallest bucket that holds ``value`` (``value`` ≤ the last bucket)."""
+    return next(b for b in buckets if b >= value)
+
+
+def _groups(chunks: dict[int, list[int]]) -> list[list[int]]:
+    """Slots grouped for graphed prefills, longest chunk first: a group grows while its padded
+    area (row bucket × token bucket of its longest chunk) stays within `PREFILL_AREA`."""
+    order = sorted(chunks, key=lambda s: -len(chunks[s]))
+    groups: list[list[int]] = []
+    for slot in order:
+        if groups:
+            group = groups[-1]
+            longest = _fit(len(chunks[group[0]]), PREFILL_TOKENS)
+            rows = len(group) + 1
+            if rows <= PREFILL_ROWS[-1] and _fit(rows, PREFILL_ROWS) * longest <= PREFILL_AREA:
+                group.append(slot)
+                continue
+        groups.append([slot])
+    return groups

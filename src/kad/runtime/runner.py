@@ -59,6 +59,11 @@ class Runner(Protocol):
         batch rows whose outputs matter (a runner may skip the others)."""
         ...
 
+    def prefill(self, chunks: dict[int, list[int]], cached: dict[int, int]) -> None:
+        """Cache and commit prompt tokens: slot -> its next tokens, written at its length
+        (``cached[slot]`` tokens, the host's copy of it); no log-probs."""
+        ...
+
     def advance(self, start: int, counts: torch.Tensor) -> None:
         """lengths[start : start + B] += counts ``[B]`` (long; negative rolls back)."""
         ...
@@ -70,6 +75,33 @@ class Runner(Protocol):
     def clear(self, slot: int) -> None:
         """Empty a slot (length 0)."""
         ...
+
+
+def prefill_in_runs(runner: Runner, chunks: dict[int, list[int]], cached: dict[int, int]) -> None:
+    """`Runner.prefill` by eager forwards: runs of consecutive slots go through one forward,
+    their chunks right-padded (padding lies past the committed length, so it is never read)."""
+    for start, run in consecutive_runs(sorted(chunks)):
+        width = max(len(chunks[s]) for s in run)
+        tokens = torch.zeros(len(run), width, dtype=torch.long)
+        for b, slot in enumerate(run):
+            tokens[b, : len(chunks[slot])] = torch.tensor(chunks[slot])
+        counts = torch.tensor([len(chunks[s]) for s in run])
+        bound = max(cached[s] for s in run) + width
+        runner.forward(
+            start, tokens.to(runner.device), width=bound, live=range(len(run)), heads=False
+        )
+        runner.advance(start, counts.to(runner.device))
+
+
+def consecutive_runs(slots: Sequence[int]) -> list[tuple[int, list[int]]]:
+    """Sorted slots grouped in runs of consecutive ones: [(first slot, the run), ...]."""
+    runs: list[tuple[int, list[int]]] = []
+    for slot in slots:
+        if runs and runs[-1][1][-1] == slot - 1:
+            runs[-1][1].append(slot)
+        else:
+            runs.append((slot, [slot]))
+    return runs
 
 
 @functools.cache
@@ -131,6 +163,9 @@ class TransformersRunner:
             if heads:
                 out[b] = log_probs(result.logits[0, :, : self.vocab_size])
         return out if heads else None
+
+    def prefill(self, chunks, cached):
+        prefill_in_runs(self, chunks, cached)
 
     def advance(self, start, counts):
         for b, step in enumerate(counts.tolist()):

@@ -42,18 +42,25 @@ from kad.runtime.sequence import Request, Sequence
 from kad.speculative import AutoGamma
 
 PREFILL_CHUNK = 512
+PREFILL_GROUP = 8  # joining prompts that are cached at once without waiting
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 def make_runner(
-    model: PreTrainedModel, vocab_size: int, rows: int, context: int, fast: bool | None
+    model: PreTrainedModel,
+    vocab_size: int,
+    rows: int,
+    context: int,
+    fast: bool | None,
+    graph_pool: object = None,
 ) -> Runner:
     """A `StaticRunner` for the architectures the compact forward supports (unless ``fast`` is
-    False), else a `TransformersRunner`. ``fast`` True insists (a KadError names why not)."""
+    False), else a `TransformersRunner`. ``fast`` True insists (a KadError names why not).
+    ``graph_pool``: the CUDA graph memory pool the runner's own graphs (prefill) share."""
     reason = unsupported_reason(model)
     if fast is False or (reason is not None and fast is None):
         return TransformersRunner(model, vocab_size, rows, context)
-    return StaticRunner(model, vocab_size, rows, context)
+    return StaticRunner(model, vocab_size, rows, context, graph_pool=graph_pool)
 
 
 def bucket(batch: int, rows: int) -> int:
@@ -77,6 +84,7 @@ class Runtime:
         max_context: int | None = None,
         memory_fraction: float | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        prefill_delay: int = 0,
     ) -> None:
         self.plan: PoolPlan = plan_pool(
             models,
@@ -86,21 +94,27 @@ class Runtime:
             memory_fraction=memory_fraction,
         )
         rows = self.plan.rows
+        on_gpu = next(iter(models.values())).device.type == "cuda"
+        self._pool = torch.cuda.graph_pool_handle() if on_gpu else None  # all graphs share it
         self.runners: dict[str, Runner] = {
-            role: make_runner(model, vocab_size, rows, self.plan.contexts[role], fast)
+            role: make_runner(model, vocab_size, rows, self.plan.contexts[role], fast, self._pool)
             for role, model in models.items()
         }
         self.device = self.runners["base"].device
         self.table = SlotTable(rows, list(models), self.device)
         self.tokenizer, self.eos_ids = tokenizer, eos_ids
         self.prefill_chunk = prefill_chunk
+        self.prefill_delay = prefill_delay
+        self.prefill_group = PREFILL_GROUP
+        self.rounds = 0  # rounds decoded so far
+        self.row_rounds = 0  # rows decoded, summed over rounds (÷ rounds: the mean batch)
+        self.prefills = 0  # iterations that cached prompt tokens
         self.slots: list[Sequence | None] = [None] * rows  # occupied slots are 0..used-1
         self.waiting: deque[Sequence] = deque()
         self.auto = AutoGamma()
         self._weight_bytes = (_bytes(self.runners["proxy"]), _bytes(self.runners["base"]))
         self.graphed = all(r.graphable for r in self.runners.values())
         self.graphs: dict[tuple[int, int, bool], Graph] = {}
-        self._pool = None
         self._beside = torch.cuda.Stream(self.device) if self.graphed else None
 
     @property
@@ -170,6 +184,7 @@ class Runtime:
                 continue
             slot = self.used
             self.slots[slot], seq.slot, seq.status = seq, slot, "prefilling"
+            seq.admitted_round = self.rounds
             request = seq.request
             for role in self.runners:
                 self.runners[role].clear(slot)
@@ -179,9 +194,22 @@ class Runtime:
         return events
 
     def _prefill(self) -> None:
-        """Cache up to `prefill_chunk` prompt tokens per model, oldest sequence first; runs of
-        consecutive slots go through one forward."""
-        waiting = [s for s in self.slots if s is not None and s.status == "prefilling"]
+        """Cache up to `prefill_chunk` prompt tokens per model, oldest sequence first.
+
+        While rows are decoding, joining prompts wait up to ``prefill_delay`` rounds to be
+        cached together (a prefill reads every weight whatever its rows), unless a full group
+        of them is already waiting."""
+        waiting = sorted(
+            (s for s in self.slots if s is not None and s.status == "prefilling"),
+            key=lambda s: s.id,
+        )
+        if not waiting:
+            return
+        decoding = any(s is not None and s.status == "running" for s in self.slots)
+        oldest = self.rounds - waiting[0].admitted_round
+        if decoding and oldest < self.prefill_delay and len(waiting) < self.prefill_group:
+            return
+        self.prefills += 1
         for role, runner in self.runners.items():
             chunks: dict[int, list[int]] = {}
             left = self.prefill_chunk
@@ -192,24 +220,11 @@ class Runtime:
                 if chunk:
                     chunks[seq.slot] = chunk  # type: ignore[index]
                     left -= len(chunk)
-            for start, run in _runs(sorted(chunks)):
-                width = max(len(chunks[s]) for s in run)
-                tokens = torch.zeros(len(run), width, dtype=torch.long)
-                counts = torch.zeros(len(run), dtype=torch.long)
-                for b, slot in enumerate(run):
-                    tokens[b, : len(chunks[slot])] = torch.tensor(chunks[slot])
-                    counts[b] = len(chunks[slot])
-                bound = max(self.slots[s].cached[role] for s in run) + width  # type: ignore[union-attr]
-                runner.forward(
-                    start,
-                    tokens.to(runner.device),
-                    width=bound,
-                    live=range(len(run)),
-                    heads=False,
-                )
-                runner.advance(start, counts.to(runner.device))
-                for slot in run:
-                    self.slots[slot].cached[role] += len(chunks[slot])  # type: ignore[union-attr]
+            if chunks:
+                cached = {slot: self.slots[slot].cached[role] for slot in chunks}  # type: ignore[union-attr]
+                runner.prefill(chunks, cached)
+                for slot, chunk in chunks.items():
+                    self.slots[slot].cached[role] += len(chunk)  # type: ignore[union-attr]
         for seq in waiting:
             if all(not seq.prefill_left(role) for role in seq.request.prompt_ids):
                 seq.status = "running"
@@ -230,6 +245,8 @@ class Runtime:
         return gamma
 
     def _decode(self, running: list[Sequence]) -> list[StepEvent]:
+        self.rounds += 1
+        self.row_rounds += len(running)
         gamma = self._gamma(running)
         used = self.used
         uses_qb = any(s.request.rule.needs_proxy_base for s in running)
@@ -283,15 +300,17 @@ class Runtime:
 
     @torch.inference_mode()
     def capture(self, gammas: Seq[int] = (0,)) -> int:
-        """Capture the rounds of every batch bucket for these draft lengths now (at start-up)
-        rather than on first use; returns how many graphs exist. A no-op off the GPU path."""
+        """Capture the rounds of every batch bucket for these draft lengths, and every prefill
+        bucket, now (at start-up) rather than on first use; returns how many graphs exist. A
+        no-op off the GPU path."""
         if not self.graphed:
             return 0
+        prefills = sum(r.capture_prefill() for r in self.runners.values())  # type: ignore[attr-defined]
         runners = {r: x for r, x in self.runners.items() if r != "proxy_base"}
         for gamma in gammas:
             for batch in sorted({bucket(b, self.rows) for b in range(1, self.rows + 1)}):
                 self._graph(batch, gamma, runners)
-        return len(self.graphs)
+        return len(self.graphs) + prefills
 
     def _graph(self, batch: int, gamma: int, runners: dict[str, Runner]) -> Graph:
         """The captured round for this bucket, γ and set of models (captured on first use)."""
@@ -309,8 +328,6 @@ class Runtime:
                 with restored(state):
                     run()
 
-            if self._pool is None:
-                self._pool = torch.cuda.graph_pool_handle()
             self.graphs[key] = Graph(run, warmup, self.device, pool=self._pool)
         return self.graphs[key]
 
@@ -335,17 +352,6 @@ class Runtime:
             for runner in self.runners.values():
                 runner.clear(slot)
         self.slots[last] = None
-
-
-def _runs(slots: Seq[int]) -> list[tuple[int, list[int]]]:
-    """Sorted slots grouped in runs of consecutive ones: [(first slot, the run), ...]."""
-    runs: list[tuple[int, list[int]]] = []
-    for slot in slots:
-        if runs and runs[-1][1][-1] == slot - 1:
-            runs[-1][1].append(slot)
-        else:
-            runs.append((slot, [slot]))
-    return runs
 
 
 def _bytes(runner: Runner) -> float:

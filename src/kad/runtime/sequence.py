@@ -50,6 +50,7 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     status: str = "waiting"
     slot: int | None = None
+    admitted_round: int = 0  # the runtime's round count when it took its slot
     cached: dict[str, int] = field(default_factory=dict)  # role -> tokens in its cache
     token_ids: list[int] = field(default_factory=list)
     proxy_share: list[float] = field(default_factory=list)
