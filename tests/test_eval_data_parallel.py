@@ -168,6 +168,10 @@ def test_a_single_process_resumes_the_files_of_any_number_of_ranks(
     assert [r["id"] for r in records] == list("01234")
     assert not list(folder.glob("*.rank*.jsonl"))
 
+    again = CliRunner().invoke(app, [*ARGS, "--out", str(tmp_path)])  # nothing left to decode
+    assert again.exit_code == 0 and "all 5 examples already in" in again.output, again.output
+    assert read_records(folder / "toy.jsonl") == records
+
 
 @pytest.mark.parametrize(
     ("extra", "message"),
