@@ -107,7 +107,7 @@ def test_torchrun_eval_writes_the_files_of_a_single_process(
 ) -> None:
     done = kad([*ARGS, "--out", str(tmp_path)], torchrun=True)
     assert done.returncode == 0, done.stderr
-    assert "toy [rank 0 of 2]" in done.stderr and "rank 1 of 2" not in done.stderr
+    assert "toy (rank 0 of 2)" in done.stderr and "rank 1 of 2" not in done.stderr
     folder = tmp_path / FOLDER
     assert_same_records(read_records(folder / "toy.jsonl"), read_records(reference / "toy.jsonl"))
     assert_same_summary(folder, reference)

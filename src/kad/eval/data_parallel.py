@@ -57,8 +57,8 @@ class Ranks:
         return index % self.world == self.rank
 
     def label(self, name: str) -> str:
-        """``gsm8k [rank 0 of 2]``, or just ``gsm8k`` in a single process."""
-        return name if self.world == 1 else f"{name} [rank {self.rank} of {self.world}]"
+        """``gsm8k (rank 0 of 2)``, or just ``gsm8k`` in a single process."""
+        return name if self.world == 1 else f"{name} (rank {self.rank} of {self.world})"
 
     def barrier(self) -> None:
         """Wait until every rank gets here."""
