@@ -7,6 +7,7 @@ inside the commands.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -37,6 +38,7 @@ from kad.options import (
 )
 
 if TYPE_CHECKING:
+    from kad.eval.tasks import Task
     from kad.rules import Rule
 
 err_console = Console(stderr=True, highlight=False)
@@ -60,6 +62,14 @@ Shots = Annotated[
 Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N examples.")]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")]
 OutDir = Annotated[Path, typer.Option("--out", help="Results root: one folder per method inside.")]
+DataParallel = Annotated[
+    int | None,
+    typer.Option(
+        "--data-parallel",
+        help="Ranks that share the examples, each with its own copy of the models (a GPU each "
+        "on CUDA); spawned here, or leave it out under torchrun --nproc-per-node N.",
+    ),
+]
 
 
 def split_list(values: list[str] | None) -> list[str]:
@@ -133,6 +143,68 @@ def print_summary(summary: dict[str, Any], folder: Path) -> None:
     err_console.print(f"{line} -> {folder}", soft_wrap=True)
 
 
+@dataclass(frozen=True)
+class EvalPlan:
+    """What `kad eval` and `kad sweep` run once their options are checked: every task under
+    every rule, one folder per rule under ``out``. Picklable: spawned ranks receive it."""
+
+    tasks: list[Task]
+    rules: list[Rule]
+    paths: tuple[str, str, str | None]  # base, proxy and proxy base as run.json names them
+    models: dict[str, Any]  # the arguments of `load_aligner`
+    decoding: dict[str, Any]  # `decoding_options`
+    shots: int | None
+    out: Path
+    data_dir: str | None
+    limit: int | None
+    batch_size: int
+
+    def run_for(self, rule: Rule) -> dict[str, Any]:
+        """The method record of ``rule``'s folder."""
+        return run_record(*self.paths, rule, self.decoding, self.shots)
+
+
+def run_plan(plan: EvalPlan) -> None:
+    """Load the models and run ``plan``: all of it in a single process, this rank's share of
+    every task in a data-parallel one (whose rank 0 merges the files). Rank 0 prints the
+    summaries."""
+    from kad.eval.data_parallel import joined_ranks, rank_device
+    from kad.eval.runner import method_name
+    from kad.eval.sweep import run_sweep
+
+    with joined_ranks(plan.models["device"]) as ranks:
+        models = {**plan.models, "device": rank_device(plan.models["device"], ranks)}
+        aligner = load_aligner(**models)
+        summaries = run_sweep(
+            aligner,
+            plan.tasks,
+            plan.rules,
+            plan.out,
+            plan.run_for,
+            data_dir=plan.data_dir,
+            limit=plan.limit,
+            batch_size=plan.batch_size,
+            decoding=plan.decoding,
+            progress=True,
+            ranks=ranks,
+        )
+    if ranks.main:
+        for summary in summaries:
+            print_summary(summary, plan.out / method_name(summary["rule"], summary["params"]))
+
+
+def launch(plan: EvalPlan, data_parallel: int | None) -> None:
+    """Run ``plan`` here (a single process, or a rank torchrun started), or on
+    ``data_parallel`` ranks spawned for it. Bad numbers of ranks fail before weights load."""
+    from kad.eval.data_parallel import check_data_parallel, launched_world, spawn
+
+    world = check_data_parallel(data_parallel, plan.models["device"])
+    if world > 1 and launched_world() is None:
+        spawn(world, run_plan, plan)
+    else:
+        run_plan(plan)
+
+
 @with_rule_options
 def eval_command(
     task: TaskList,
@@ -157,9 +229,9 @@ def eval_command(
     max_rows: MaxRows = None,
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
+    data_parallel: DataParallel = None,
 ) -> None:
     """Evaluate one method on tasks: a JSONL line per example and a summary, resumable."""
-    from kad.eval.runner import method_name, run_eval
     from kad.rules import make_rule
 
     tasks = [get_task(name, shots) for name in split_list(task)]
@@ -168,34 +240,29 @@ def eval_command(
     rule_obj = make_rule(rule, **(rule_values or {}))
     paths = model_paths(base, proxy, proxy_base)
     check_proxy_base([rule_obj], paths[2])
-    decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
-    run = run_record(*paths, rule_obj, decoding, shots)
-    aligner = load_aligner(
-        base,
-        proxy,
-        proxy_base if rule_obj.needs_proxy_base else None,
-        dtype=dtype,
-        device=device,
-        fast=fast,
-        max_rows=max_rows,
-        max_context=max_context,
-        memory_fraction=memory_fraction,
+    plan = EvalPlan(
+        tasks=tasks,
+        rules=[rule_obj],
+        paths=paths,
+        models={
+            "base": base,
+            "proxy": proxy,
+            "proxy_base": proxy_base if rule_obj.needs_proxy_base else None,
+            "dtype": dtype,
+            "device": device,
+            "fast": fast,
+            "max_rows": max_rows,
+            "max_context": max_context,
+            "memory_fraction": memory_fraction,
+        },
+        decoding=decoding_options(max_new_tokens, temperature, top_p, seed, speculative),
+        shots=shots,
+        out=out,
+        data_dir=data_dir,
+        limit=limit,
+        batch_size=batch_size,
     )
-    folder = out / method_name(rule_obj.name, run["params"])
-    for one in tasks:
-        summary = run_eval(
-            aligner,
-            one,
-            rule_obj,
-            folder,
-            run,
-            data_dir=data_dir,
-            limit=limit,
-            batch_size=batch_size,
-            decoding=decoding,
-            progress=True,
-        )
-        print_summary(summary, folder)
+    launch(plan, data_parallel)
 
 
 @with_rule_options(grid=True)
@@ -229,13 +296,13 @@ def sweep_command(
     max_rows: MaxRows = None,
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
+    data_parallel: DataParallel = None,
 ) -> None:
     """Run the paper's comparison: every task at every grid point, one folder per point.
 
     Each rule is swept over its parameter of `sweep.swept_param` (λ, b, β, δ...): grids left out
     are those of `sweep.DEFAULT_GRIDS`."""
     from kad.eval import sweep
-    from kad.eval.runner import method_name
 
     tasks = [get_task(name, shots) for name in split_list(task)]
     if not tasks:
@@ -251,32 +318,29 @@ def sweep_command(
     grids, loss, fixed = sweep_settings(rule_values or {})
     points = sweep.grid(rule_names, grids, loss, **fixed)
     check_proxy_base(points, paths[2])
-    decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
-    aligner = load_aligner(
-        base,
-        proxy,
-        proxy_base,
-        dtype=dtype,
-        device=device,
-        fast=fast,
-        max_rows=max_rows,
-        max_context=max_context,
-        memory_fraction=memory_fraction,
-    )
-    summaries = sweep.run_sweep(
-        aligner,
-        tasks,
-        points,
-        out,
-        lambda r: run_record(*paths, r, decoding, shots),
+    plan = EvalPlan(
+        tasks=tasks,
+        rules=points,
+        paths=paths,
+        models={
+            "base": base,
+            "proxy": proxy,
+            "proxy_base": proxy_base,
+            "dtype": dtype,
+            "device": device,
+            "fast": fast,
+            "max_rows": max_rows,
+            "max_context": max_context,
+            "memory_fraction": memory_fraction,
+        },
+        decoding=decoding_options(max_new_tokens, temperature, top_p, seed, speculative),
+        shots=shots,
+        out=out,
         data_dir=data_dir,
         limit=limit,
         batch_size=batch_size,
-        decoding=decoding,
-        progress=True,
     )
-    for summary in summaries:
-        print_summary(summary, out / method_name(summary["rule"], summary["params"]))
+    launch(plan, data_parallel)
 
 
 def sweep_settings(values: dict[str, Any]) -> tuple[dict[str, list[float]], str, dict[str, Any]]:

@@ -6,19 +6,29 @@ and any number of tasks: ``<task>.jsonl`` (a line per example, appended as each 
 (continuous batching: an example's slot goes to the next one the round it finishes); likelihood
 tasks are scored in batches. A rerun skips the examples already in the JSONL, so an interrupted
 run loses only the examples in flight; a folder written with other settings is refused.
+
+Data-parallel runs (`kad.eval.data_parallel`): rank r of N takes the examples whose index i has
+i mod N == r and appends its records to ``<task>.rank<r>.jsonl``. When a task ends (every run,
+single-process too), rank 0 merges every record into ``<task>.jsonl`` in the order of the task's
+examples (records of examples beyond ``limit`` after them), removes the rank files and writes the
+summary: the files of a single process. Examples found in the merged file or in any rank file
+(of any N) count as done, so a rerun with any number of ranks resumes.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import sys
 import time
+import uuid
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 from kad.errors import KadError
+from kad.eval.data_parallel import Ranks
 from kad.eval.tasks import Example, Task
 from kad.outputs import jsonable
 from kad.progress import TaskProgress, resume_message
@@ -70,11 +80,44 @@ def read_records(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def rank_path(out_dir: Path, task: str, rank: int) -> Path:
+    """Where rank ``rank`` of a data-parallel run appends its records of ``task``."""
+    return out_dir / f"{task}.rank{rank}.jsonl"
+
+
+def rank_files(out_dir: Path, task: str) -> list[Path]:
+    """The rank files of ``task`` in ``out_dir`` (of any number of ranks), by rank."""
+    pattern = re.compile(rf"{re.escape(task)}\.rank(\d+)\.jsonl")
+    ranked = []
+    for path in out_dir.glob(f"{task}.rank*.jsonl"):
+        if match := pattern.fullmatch(path.name):
+            ranked.append((int(match.group(1)), path))
+    return [path for _, path in sorted(ranked)]
+
+
+def read_done(out_dir: Path, task: str) -> dict[str, dict[str, Any]]:
+    """Every record of ``task`` written so far, by id: those of ``<task>.jsonl``, then those of
+    the rank files that it lacks (an id in several files: its first record)."""
+    done: dict[str, dict[str, Any]] = {}
+    for path in [out_dir / f"{task}.jsonl", *rank_files(out_dir, task)]:
+        for record in read_records(path):
+            done.setdefault(record["id"], record)
+    return done
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds ``text`` or what it held before, never a part of it (temp file, rename)."""
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    temp.write_text(text, encoding="utf-8")
+    os.replace(temp, path)
+
+
 def check_run_file(out_dir: Path, run: dict[str, Any]) -> None:
-    """Write ``run.json``, or check that the folder's existing one has the same settings."""
+    """Write ``run.json``, or check that the folder's existing one has the same settings.
+    Ranks may call it at once: the file is written whole."""
     path = out_dir / RUN_FILE
     if not path.exists():
-        path.write_text(json.dumps(run, indent=2) + "\n", encoding="utf-8")
+        write_atomically(path, json.dumps(run, indent=2) + "\n")
         return
     existing = json.loads(path.read_text(encoding="utf-8"))
     changed = [k for k in IDENTITY_KEYS if existing.get(k) != run.get(k)]
@@ -209,6 +252,27 @@ def _likelihood_records(
     return records
 
 
+def merge_records(
+    out_dir: Path, task: str, example_ids: Sequence[str], run: dict[str, Any]
+) -> dict[str, Any]:
+    """Gather every record of ``task`` (`read_done`) into ``<task>.jsonl``: those of
+    ``example_ids`` in that order, then the others as found; remove the rank files; write and
+    return the summary over ``example_ids``."""
+    done = read_done(out_dir, task)
+    selected = [done[i] for i in example_ids if i in done]
+    wanted = set(example_ids)
+    others = [r for i, r in done.items() if i not in wanted]
+    lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in selected + others]
+    write_atomically(out_dir / f"{task}.jsonl", "".join(lines))
+    for path in rank_files(out_dir, task):
+        path.unlink()
+    summary = summarize(selected, run, task)
+    write_atomically(
+        out_dir / f"{task}{SUMMARY_SUFFIX}", json.dumps(jsonable(summary), indent=2) + "\n"
+    )
+    return summary
+
+
 def run_eval(
     aligner: Any,
     task: Task,
@@ -221,14 +285,19 @@ def run_eval(
     batch_size: int = 8,
     decoding: dict[str, Any] | None = None,
     progress: bool = True,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``task`` under ``rule``, appending to ``<out_dir>/<task>.jsonl``; returns and
-    writes the summary over the first ``limit`` examples.
+    """Evaluate ``task`` under ``rule`` into ``<out_dir>/<task>.jsonl``; returns and writes the
+    summary over the first ``limit`` examples.
 
     ``run`` describes the method (models, rule, params, decoding: see ``IDENTITY_KEYS``);
     ``decoding`` holds the keyword arguments for ``Aligner.start``; ``batch_size``: prompts
     scored together by likelihood tasks (generation tasks stream through the runtime).
+    ``ranks``: this process's place in a data-parallel run (every rank calls `run_eval` with
+    the same arguments and gets the same summary); None: a single process. Only rank 0 shows
+    progress.
     """
+    ranks = ranks or Ranks()
     if batch_size < 1:
         raise KadError(f"batch size must be >= 1, got {batch_size}")
     if limit is not None and limit < 1:
@@ -240,21 +309,27 @@ def run_eval(
     if not examples:
         raise KadError(f"task {task.name} has no examples")
     path = out / f"{task.name}.jsonl"
-    done = {r["id"]: r for r in read_records(path)}
-    selected = {example_id for example_id, _ in examples}
-    kept = [r for r in done.values() if r["id"] in selected]
-    todo = [pair for pair in examples if pair[0] not in done]
+    done = read_done(out, task.name)
+    ranks.barrier()  # every rank has read (and mended) the files before any appends
+    todo = [pair for i, pair in enumerate(examples) if ranks.owns(i) and pair[0] not in done]
+    kept = [done[i] for n, (i, _) in enumerate(examples) if ranks.owns(n) and i in done]
+    shown = progress and ranks.main
 
     def accuracy(records: Sequence[dict[str, Any]]) -> float | None:
         return _mean([float(r["score"]) for r in records])
 
-    resumed = resume_message(task.name, len(kept), len(examples), path)
-    if resumed and progress:
+    found = sum(example_id in done for example_id, _ in examples)
+    resumed = resume_message(task.name, found, len(examples), path)
+    if resumed and shown:
         print(resumed, file=sys.stderr, flush=True)
-    bar = TaskProgress(task.name, len(examples), len(kept), accuracy(kept), enabled=progress)
-    with bar, path.open("a", encoding="utf-8") as sink:
-        if task.kind == "likelihood":
-            groups: Iterator[Sequence[dict[str, Any]]] = (
+    share = len(todo) + len(kept)
+    bar = TaskProgress(ranks.label(task.name), share, len(kept), accuracy(kept), enabled=shown)
+    sink_path = path if ranks.world == 1 else rank_path(out, task.name, ranks.rank)
+    with bar, sink_path.open("a", encoding="utf-8") as sink:
+        if not todo:
+            groups: Iterator[Sequence[dict[str, Any]]] = iter(())
+        elif task.kind == "likelihood":
+            groups = (
                 _likelihood_records(aligner, task, batch, rule)
                 for batch in _batches(todo, batch_size)
             )
@@ -267,8 +342,8 @@ def run_eval(
             sink.flush()
             kept += rows
             bar.update(len(kept), accuracy(kept))
-    summary = summarize(kept, run, task.name)
-    (out / f"{task.name}{SUMMARY_SUFFIX}").write_text(
-        json.dumps(jsonable(summary), indent=2) + "\n", encoding="utf-8"
-    )
-    return summary
+    ranks.barrier()  # every rank's records are on disk
+    summary = None
+    if ranks.main:
+        summary = merge_records(out, task.name, [i for i, _ in examples], run)
+    return ranks.from_main(summary)

@@ -96,7 +96,7 @@ def run_sweep(
 
     ``aligner`` decodes every point (it runs the proxy's base model only for the rules that read
     it); ``run_for(rule)`` gives the method record of ``run.json``.
-    ``eval_kwargs`` go to `run_eval` (data_dir, limit, batch_size, decoding, progress).
+    ``eval_kwargs`` go to `run_eval` (data_dir, limit, batch_size, decoding, progress, ranks).
     """
     root = Path(out_dir)
     summaries = []
