@@ -38,18 +38,22 @@ class StaticRunner:
         *,
         graphs: bool | None = None,
         compile: bool | None = None,
+        net: LlamaFamily | None = None,
     ) -> None:
         """graphs: capture rounds as CUDA graphs (default: on a CUDA device). compile: run the
-        decode layers compiled by Inductor (default: with graphs, unless KAD_COMPILE=0)."""
+        decode layers compiled by Inductor (default: with graphs, unless KAD_COMPILE=0).
+        net: the model's tensors when they are not the model's own (a tensor-parallel shard,
+        `kad.parallel.shard`); its device is the runner's."""
         self.model = model
-        self.net = LlamaFamily(model, vocab_size)
+        self.net = LlamaFamily(model, vocab_size) if net is None else net
         self.vocab_size = vocab_size
         self.device = self.net.device
         self.graphable = self.device.type == "cuda" if graphs is None else graphs
         if compile is None:
             compile = self.graphable and os.environ.get("KAD_COMPILE", "1") != "0"
         self.compiled = compile
-        self.layer_fn = compiled_layer() if compile else layer_forward
+        self.layer_fn = compiled_layer() if compile else layer_forward  # decode-sized steps
+        self.eager_layer = layer_forward  # prefill chunks
         self.rows, self.context = rows, context
         shape = self.net.kv_shape(rows, context)
         dtype, dev = self.net.dtype, self.device
@@ -80,7 +84,7 @@ class StaticRunner:
         x = F.embedding(tokens.to(self.device), self.net.embed)  # [B, n, E]
         arch = self.net.arch
         decode = n <= 16 and heads
-        layer_fn = self.layer_fn if decode else layer_forward
+        layer_fn = self.layer_fn if decode else self.eager_layer
         with static_shapes():
             for layer, k, v in zip(self.net.layers, self.k, self.v, strict=True):
                 if decode and self.compiled:

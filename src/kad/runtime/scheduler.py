@@ -78,7 +78,7 @@ class Runtime:
         memory_fraction: float | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
     ) -> None:
-        self.plan: PoolPlan = plan_pool(
+        self.plan: PoolPlan = self._plan(
             models,
             contexts,
             max_rows=max_rows,
@@ -87,7 +87,7 @@ class Runtime:
         )
         rows = self.plan.rows
         self.runners: dict[str, Runner] = {
-            role: make_runner(model, vocab_size, rows, self.plan.contexts[role], fast)
+            role: self._runner(role, model, vocab_size, rows, self.plan.contexts[role], fast)
             for role, model in models.items()
         }
         self.device = self.runners["base"].device
@@ -102,6 +102,16 @@ class Runtime:
         self.graphs: dict[tuple[int, int, bool], Graph] = {}
         self._pool = None
         self._beside = torch.cuda.Stream(self.device) if self.graphed else None
+
+    def _plan(self, models: dict[str, PreTrainedModel], contexts: dict[str, int], **sizes):
+        """The pool's plan (`plan_pool`); `kad.parallel` sizes a rank's share of it."""
+        return plan_pool(models, contexts, **sizes)
+
+    def _runner(
+        self, role: str, model: PreTrainedModel, vocab: int, rows: int, context: int, fast
+    ) -> Runner:
+        """One model's runner (`make_runner`); `kad.parallel` shards the base."""
+        return make_runner(model, vocab, rows, context, fast)
 
     @property
     def rows(self) -> int:
