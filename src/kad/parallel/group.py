@@ -28,7 +28,8 @@ NO_MULTICAST = {
     "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
     "NVSHMEM_DISABLE_NVLS": "1",
 }
-# Followers wait on the driver between requests: an idle server must not time them out.
+# Followers wait on the driver between requests: an idle server must not time them out
+# (KAD_TP_TIMEOUT, in seconds, shortens it: tests, batch jobs).
 IDLE_TIMEOUT = datetime.timedelta(days=365)
 
 
@@ -124,11 +125,14 @@ def join(n: int, device: torch.device, rank: int, init_method: str) -> TensorPar
     else:  # the ranks share the host's cores
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // n))
     backend = "nccl" if device.type == "cuda" else "gloo"
+    timeout = IDLE_TIMEOUT
+    if os.environ.get("KAD_TP_TIMEOUT"):
+        timeout = datetime.timedelta(seconds=float(os.environ["KAD_TP_TIMEOUT"]))
     dist.init_process_group(
-        backend, init_method=init_method, rank=rank, world_size=n, timeout=IDLE_TIMEOUT
+        backend, init_method=init_method, rank=rank, world_size=n, timeout=timeout
     )
     group = dist.group.WORLD
-    control = dist.new_group(backend="gloo", timeout=IDLE_TIMEOUT) if backend != "gloo" else group
+    control = dist.new_group(backend="gloo", timeout=timeout) if backend != "gloo" else group
     return TensorParallel(rank, n, device, group, control)
 
 
