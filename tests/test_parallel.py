@@ -133,3 +133,24 @@ def test_torchrun_generate_gives_the_single_process_tokens(tiny_dirs, tiny_align
     rows = json.loads(result.stdout)
     expected = tiny_aligner.generate(PROMPTS[:2], max_new_tokens=6)
     assert [r["token_ids"] for r in rows] == [g.token_ids for g in expected]
+
+
+def test_bench_reports_rank_bytes_the_roofline_of_n_and_allreduce_time(tiny_dirs):
+    result = kad_command(
+        "bench", str(tiny_dirs.base), str(tiny_dirs.proxy), "--tensor-parallel", "2",
+        "--device", "cpu", "--batch", "2", "--gammas", "1", "--new-tokens", "4",
+        "--prompt-tokens", "6", "--repeats", "0", "--json",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    results = json.loads(result.stdout)
+    par = results["parallel"]
+    assert par["tensor_parallel"] == 2
+    assert par["base_bytes_per_rank"] < par["base_bytes_whole"]
+    (batch,) = results["batches"]
+    assert [r["path"] for r in batch["rows"]] == [
+        "KAD dual λ=0.4",
+        "spec KAD γ=1",
+        "spec KAD γ=auto",
+    ]
+    assert all(r["roofline_tokens_per_s"] > 0 for r in batch["rows"])
+    assert set(batch["allreduce_s_per_forward"]) == {"1", "2"}

@@ -249,6 +249,10 @@ class Aligner:
             )
         return self._runtime
 
+    def follow(self) -> None:
+        """A follower rank of a tensor-parallel run: follow rank 0's runtime until it stops."""
+        self.runtime.follow()  # type: ignore[attr-defined]
+
     def close(self) -> None:
         """Under tensor parallelism: stop the follower ranks and leave the process group (at
         exit if not before). Otherwise nothing."""

@@ -148,10 +148,10 @@ def free_port() -> int:
 
 
 def launch(n: int, device: torch.device, build: Callable[[TensorParallel], Any]) -> Any:
-    """Start the N ranks and ``build`` each rank's aligner (or runtime owner) with its
-    `TensorParallel`; rank 0's is returned. Under torchrun this process is the rank torchrun
-    made it: a follower rank follows the driver (``built.runtime.follow()``) and exits when it
-    is done. Otherwise this process is rank 0 and spawns ranks 1..N−1 (``build`` must then be
+    """Start the N ranks and ``build`` each rank's aligner (or any object with ``follow()``
+    and ``close()``: the bench's) with its `TensorParallel`; rank 0's is returned. Under
+    torchrun this process is the rank torchrun made it: a follower rank runs ``built.follow()``
+    (it follows the driver) and exits when it returns. Otherwise this process is rank 0 and spawns ranks 1..N−1 (``build`` must then be
     picklable: a module-level function or a partial of one)."""
     if launched():
         world = int(os.environ["WORLD_SIZE"])
@@ -160,7 +160,7 @@ def launch(n: int, device: torch.device, build: Callable[[TensorParallel], Any])
         tp = join(n, device, int(os.environ["RANK"]), "env://")
         built = build(tp)
         if not tp.driver:
-            built.runtime.follow()
+            built.follow()
             tp.close()
             raise SystemExit(0)
         if hasattr(built, "close"):
@@ -191,5 +191,5 @@ def _follow(
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tp = join(n, device, rank, init)
     with torch.inference_mode():
-        build(tp).runtime.follow()
+        build(tp).follow()
     tp.close()
