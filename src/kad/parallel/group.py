@@ -151,8 +151,9 @@ def launch(n: int, device: torch.device, build: Callable[[TensorParallel], Any])
     """Start the N ranks and ``build`` each rank's aligner (or any object with ``follow()``
     and ``close()``: the bench's) with its `TensorParallel`; rank 0's is returned. Under
     torchrun this process is the rank torchrun made it: a follower rank runs ``built.follow()``
-    (it follows the driver) and exits when it returns. Otherwise this process is rank 0 and spawns ranks 1..N−1 (``build`` must then be
-    picklable: a module-level function or a partial of one)."""
+    (it follows the driver) and exits when it returns. Otherwise this process is rank 0 and
+    spawns ranks 1..N−1 (``build`` must then be picklable: a module-level function or a
+    partial of one). The driver's ``close`` runs at exit if not before."""
     if launched():
         world = int(os.environ["WORLD_SIZE"])
         if world != n:

@@ -19,6 +19,7 @@ A follower's events are dropped; its text is decoded only to find stop strings a
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence as Seq
 from typing import Any
 
 import torch
@@ -121,11 +122,21 @@ class ParallelRuntime(Runtime):
     def _plan(
         self, models: dict[str, PreTrainedModel], contexts: dict[str, int], **sizes: Any
     ) -> PoolPlan:
+        """This rank's pool: on its device, 1/N of the base's KV heads."""
         return plan_pool(
             models, contexts, device=self.tp.device, kv_shards={"base": self.tp.world}, **sizes
         )
 
-    def _runner(self, role, model, vocab, rows, context, fast) -> Runner:
+    def _runner(
+        self,
+        role: str,
+        model: PreTrainedModel,
+        vocab: int,
+        rows: int,
+        context: int,
+        fast: bool | None,
+    ) -> Runner:
+        """The base: this rank's shard; the others: whole on this rank's device."""
         if role == "base":
             return ShardedRunner(model, self._base, rows, context, self.tp)
         if model.device != self.tp.device:
@@ -152,7 +163,8 @@ class ParallelRuntime(Runtime):
         self._ops = []
         return super().step()
 
-    def capture(self, gammas=(0,)) -> int:
+    def capture(self, gammas: Seq[int] = (0,)) -> int:
+        """`Runtime.capture` on every rank together (the warm-ups run collectives)."""
         self._ops.append(("capture", tuple(gammas)))
         self.tp.broadcast(self._ops)
         self._ops = []

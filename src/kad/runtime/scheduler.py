@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import replace
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -103,12 +104,20 @@ class Runtime:
         self._pool = None
         self._beside = torch.cuda.Stream(self.device) if self.graphed else None
 
-    def _plan(self, models: dict[str, PreTrainedModel], contexts: dict[str, int], **sizes):
+    def _plan(
+        self, models: dict[str, PreTrainedModel], contexts: dict[str, int], **sizes: Any
+    ) -> PoolPlan:
         """The pool's plan (`plan_pool`); `kad.parallel` sizes a rank's share of it."""
         return plan_pool(models, contexts, **sizes)
 
     def _runner(
-        self, role: str, model: PreTrainedModel, vocab: int, rows: int, context: int, fast
+        self,
+        role: str,
+        model: PreTrainedModel,
+        vocab: int,
+        rows: int,
+        context: int,
+        fast: bool | None,
     ) -> Runner:
         """One model's runner (`make_runner`); `kad.parallel` shards the base."""
         return make_runner(model, vocab, rows, context, fast)
