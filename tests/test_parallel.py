@@ -139,7 +139,7 @@ def test_bench_reports_rank_bytes_the_roofline_of_n_and_allreduce_time(tiny_dirs
     result = kad_command(
         "bench", str(tiny_dirs.base), str(tiny_dirs.proxy), "--tensor-parallel", "2",
         "--device", "cpu", "--batch", "2", "--gammas", "1", "--new-tokens", "4",
-        "--prompt-tokens", "6", "--repeats", "0", "--json",
+        "--prompt-tokens", "6", "--repeats", "1", "--json",
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-2000:]
     results = json.loads(result.stdout)
