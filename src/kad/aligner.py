@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import random
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -37,6 +38,9 @@ from kad.runtime.sequence import Request
 from kad.sampling import Warp, check_seed, row_seed
 from kad.speculative import parse_speculative
 
+if TYPE_CHECKING:
+    from kad.parallel.group import TensorParallel
+
 PromptLike = str | Raw | Prompt | Sequence[dict]
 
 
@@ -61,6 +65,8 @@ class Aligner:
     one KV pool per model of ``max_rows`` slots × ``max_context`` tokens (sized from a memory
     budget when not given, see `kad.runtime.pool.plan_pool`). ``fast``: the compact forward of
     `kad.fast` (None: for the architectures it supports; False: transformers' forward).
+    ``parallel``: this process's rank of a tensor-parallel run (`kad.parallel`; made by
+    ``from_pretrained(..., tensor_parallel=N)``): the base is sharded over the ranks.
     """
 
     def __init__(
@@ -74,7 +80,9 @@ class Aligner:
         max_context: int | None = None,
         memory_fraction: float | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
+        parallel: TensorParallel | None = None,
     ) -> None:
+        self.parallel = parallel
         self.members = {"base": base, "proxy": proxy}
         if proxy_base is not None:
             self.members["proxy_base"] = proxy_base
@@ -123,6 +131,7 @@ class Aligner:
         max_rows: int | None = None,
         max_context: int | None = None,
         memory_fraction: float | None = None,
+        tensor_parallel: int | None = None,
     ) -> Aligner:
         """Load the models from local directories, GGUF files, or Hub ids (online only).
 
@@ -130,9 +139,39 @@ class Aligner:
         template, the base raw text), a string with ``{prompt}``, or a callable. fast: the
         compact forward of `kad.fast` (None: for Llama, Qwen2/3 and OLMo2 models). max_rows,
         max_context, memory_fraction: the runtime's KV pool (see the class docstring).
+        tensor_parallel: shard the base over N ranks (`kad.parallel`, README "Tensor
+        parallelism"); under torchrun only rank 0 returns, otherwise this process is rank 0 and
+        spawns the others. N is checked against the GPUs and the base's heads before loading.
         """
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
+        from kad.parallel.group import check_model_divides, check_size, launch
+
+        n = check_size(tensor_parallel, target)
+        if n > 1:
+            if device_map is not None:
+                raise KadError("give tensor_parallel or device_map, not both")
+            if fast is False:
+                raise KadError("tensor parallelism runs on the fast path: drop fast=False")
+            check_model_divides(base, n)
+            build = functools.partial(
+                _parallel_rank,
+                str(base),
+                str(proxy),
+                None if proxy_base is None else str(proxy_base),
+                dtype=torch_dtype,
+                max_rows=max_rows,
+                max_context=max_context,
+                memory_fraction=memory_fraction,
+            )
+            aligner = launch(n, target, build)
+            for role, template in (("base", base_template), ("proxy", proxy_template)):
+                member = aligner.members[role]
+                member.renderer = PromptRenderer(member.tokenizer, role == "proxy", template)
+            if "proxy_base" in aligner.members:
+                member = aligner.members["proxy_base"]
+                member.renderer = PromptRenderer(member.tokenizer, True, proxy_template)
+            return aligner
 
         loaded: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
 
@@ -188,9 +227,16 @@ class Aligner:
 
     @property
     def runtime(self) -> Runtime:
-        """The continuous-batching runtime over this family (its KV pools are made once)."""
+        """The continuous-batching runtime over this family (its KV pools are made once); a
+        `kad.parallel.runtime.ParallelRuntime` under tensor parallelism."""
         if self._runtime is None:
-            self._runtime = Runtime(
+            kind: Any = Runtime
+            extra: dict[str, Any] = {}
+            if self.parallel is not None:
+                from kad.parallel.runtime import ParallelRuntime
+
+                kind, extra = ParallelRuntime, {"tp": self.parallel}
+            self._runtime = kind(
                 {role: m.model for role, m in self.members.items()},
                 {role: m.context for role, m in self.members.items()},
                 self.vocab_size,
@@ -199,8 +245,23 @@ class Aligner:
                 fast=self.fast,
                 prefill_chunk=self.prefill_chunk,
                 **self.pool_settings,
+                **extra,
             )
         return self._runtime
+
+    def follow(self) -> None:
+        """A follower rank of a tensor-parallel run: follow rank 0's runtime until it stops."""
+        self.runtime.follow()  # type: ignore[attr-defined]
+
+    def close(self) -> None:
+        """Under tensor parallelism: stop the follower ranks and leave the process group (at
+        exit if not before). Otherwise nothing."""
+        if self.parallel is not None and self.parallel.driver:
+            from kad.parallel.runtime import STOP
+
+            self.parallel.broadcast(STOP)
+            self.parallel.close()
+            self.parallel = None
 
     def _check_rule(self, rule: Rule | str) -> Rule:
         if isinstance(rule, str):
@@ -315,6 +376,8 @@ class Aligner:
         scored position by position under the unwarped mixture π of ``rule``: each model reads
         its prompt and the continuation in one forward (no cache).
         """
+        if self.parallel is not None:
+            raise KadError("score does not run under tensor parallelism yet")
         batch = _as_batch(prompts)
         conts = [continuations] if isinstance(continuations, str) else list(continuations)
         if not batch:
@@ -350,6 +413,34 @@ class Aligner:
                 target = torch.tensor(cont).unsqueeze(-1)
                 scores.append(torch.log(pi.gather(-1, target)).sum().item())
         return scores
+
+
+def _parallel_rank(
+    base: str,
+    proxy: str,
+    proxy_base: str | None,
+    tp: TensorParallel,
+    *,
+    dtype: torch.dtype,
+    **pool: Any,
+) -> Aligner:
+    """One rank's aligner of a tensor-parallel run: the base loaded on the CPU when the ranks
+    use GPUs (each rank moves only its shard to its GPU), the proxies on the rank's device.
+    Prompt templates are rank 0's business (`from_pretrained` sets them)."""
+    base_device = torch.device("cpu") if tp.device.type == "cuda" else tp.device
+    loaded: dict[tuple[str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+
+    def load(spec: str, device: torch.device, chat: bool) -> Member:
+        key = (spec, str(device))
+        if key not in loaded:
+            loaded[key] = load_causal_lm(spec, dtype=dtype, device=device)
+        model, tokenizer = loaded[key]
+        return Member(model, tokenizer, PromptRenderer(tokenizer, chat, None))
+
+    members = [load(base, base_device, False), load(proxy, tp.device, True)]
+    if proxy_base is not None:
+        members.append(load(proxy_base, tp.device, True))
+    return Aligner(*members, parallel=tp, **pool)
 
 
 def _as_batch(prompts: Any) -> list[PromptLike]:

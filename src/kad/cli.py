@@ -45,6 +45,7 @@ from kad.options import (
     Seed,
     Speculative,
     Temperature,
+    TensorParallelOpt,
     TopP,
     load_aligner,
     with_rule_options,
@@ -179,6 +180,7 @@ def generate(
     max_rows: MaxRows = None,
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
+    tensor_parallel: TensorParallelOpt = None,
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON list: each prompt with text and stats.")
     ] = False,
@@ -203,6 +205,7 @@ def generate(
         max_rows=max_rows,
         max_context=max_context,
         memory_fraction=memory_fraction,
+        tensor_parallel=tensor_parallel,
     )
     outputs = aligner.generate(
         prompts,
@@ -217,6 +220,7 @@ def generate(
         progress=sys.stderr.isatty(),
     )
     print_generations(aligner, prompts, outputs, as_json=as_json, show_deferral=show_deferral)
+    aligner.close()
 
 
 def print_generations(aligner, prompts, outputs, *, as_json: bool, show_deferral: bool) -> None:

@@ -176,6 +176,15 @@ MemoryFraction = Annotated[
     ),
 ]
 
+TensorParallelOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--tensor-parallel",
+        help="Shard the base over N ranks (GPUs, or CPU processes): launch with torchrun "
+        "--nproc-per-node N, or alone to spawn the ranks (default: 1).",
+    ),
+]
+
 
 def check_pair(base: str | None, proxy: str | None) -> None:
     """`KadError` for half a pair: both models, or neither (the built-in pair)."""
@@ -208,10 +217,12 @@ def load_aligner(
     max_rows: int | None = None,
     max_context: int | None = None,
     memory_fraction: float | None = None,
+    tensor_parallel: int | None = None,
 ) -> Aligner:
     """The given pair (with ``proxy_base`` if given), or, when neither ``base`` nor ``proxy`` is
     given, the built-in pair (with ``proxy_base``, else its own proxy base). Half a pair is a
-    `KadError`. The other arguments go to `Aligner.from_pretrained`."""
+    `KadError`. The other arguments go to `Aligner.from_pretrained` (under tensor parallelism,
+    only rank 0 returns: see `kad.parallel.group.launch`)."""
     check_pair(base, proxy)
     runtime = {
         "dtype": dtype,
@@ -220,6 +231,7 @@ def load_aligner(
         "max_rows": max_rows,
         "max_context": max_context,
         "memory_fraction": memory_fraction,
+        "tensor_parallel": tensor_parallel,
     }
     if base is None:
         from kad.world import builtin_aligner

@@ -54,6 +54,14 @@ def bench_with_progress(config: BenchConfig, out: Path | None) -> dict[str, Any]
         return run_bench(config, step, write)
 
 
+def _print_step():
+    """One line per step on stderr, with the seconds since the start."""
+    start = time.perf_counter()
+    return lambda label: print(
+        f"[{time.perf_counter() - start:7.1f} s] {label}", file=sys.stderr, flush=True
+    )
+
+
 def _progress(enabled: bool):
     if not enabled:
         from contextlib import nullcontext
@@ -113,6 +121,14 @@ def bench_command(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON results here.")] = None,
+    tensor_parallel: Annotated[
+        int,
+        typer.Option(
+            "--tensor-parallel",
+            help="Shard the base over N ranks (torchrun --nproc-per-node N, or spawned): "
+            "runtime rows, the N-GPU roofline, per-rank bytes and the all-reduce time only.",
+        ),
+    ] = 1,
 ) -> None:
     """Decode speed of base, proxy, plain and speculative KAD next to the memory roofline and
     transformers, on real models or random-weight presets.
@@ -136,8 +152,19 @@ def bench_command(
         check=check,
         profile=profile,
     )
+    if tensor_parallel != 1:
+        from kad.bench.parallel import parallel_bench, render_parallel
+
+        results: dict[str, Any] = parallel_bench(config, tensor_parallel, _print_step())
+        if out is not None:
+            out.write_text(to_json(results))
+        if as_json:
+            print(to_json(results))
+        else:
+            render_parallel(results, Console() if sys.stdout.isatty() else Console(width=160))
+        return
     if acceptance:
-        results: dict[str, Any] = {"acceptance": acceptance_run(config)}
+        results = {"acceptance": acceptance_run(config)}
     else:
         results = bench_with_progress(config, out)
     if out is not None:

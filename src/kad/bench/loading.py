@@ -117,10 +117,18 @@ def runtime_for(
     tokenizer: Any = None,
     fast: bool | None = None,
     prefill_chunk: int | None = None,
+    tp: Any = None,
 ) -> Runtime:
     """A runtime of ``rows`` slots of ``context`` tokens that decodes to the budget (no EOS);
-    ``prefill_chunk`` None caches every prompt of a full pool in one step."""
-    return Runtime(
+    ``prefill_chunk`` None caches every prompt of a full pool in one step. ``tp``: a rank of a
+    tensor-parallel run (`kad.parallel`): its `ParallelRuntime`."""
+    kind: Any = Runtime
+    extra: dict[str, Any] = {}
+    if tp is not None:
+        from kad.parallel.runtime import ParallelRuntime
+
+        kind, extra = ParallelRuntime, {"tp": tp}
+    return kind(
         models,
         {role: context_length(m) for role, m in models.items()},
         vocab_size,
@@ -130,6 +138,7 @@ def runtime_for(
         max_rows=rows,
         max_context=context,
         prefill_chunk=prefill_chunk or rows * context,
+        **extra,
     )
 
 

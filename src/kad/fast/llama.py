@@ -27,6 +27,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
+from torch.distributed import ProcessGroup
+from torch.distributed import _functional_collectives as funcol
 from transformers import PreTrainedModel
 
 from kad.errors import KadError
@@ -47,6 +49,7 @@ class Arch:
     post_norm: bool  # OLMo2: x + norm(attn(x)), x + norm(mlp(x))
     qk_norm: str | None  # "head" (Qwen3), "full" (OLMo2) or None
     weight_first: bool  # RMSNorm multiplies by w in float32, then casts (OLMo2)
+    shards: int = 1  # tensor parallelism: ranks that split the heads (heads here are per rank)
 
     @property
     def qkv_sizes(self) -> tuple[int, int, int]:
@@ -251,6 +254,7 @@ def layer_forward(
     arch: Arch,
     start: int = 0,
     slots: torch.Tensor | None = None,
+    group: ProcessGroup | None = None,
 ) -> torch.Tensor:
     """One decoder layer: x ``[B, n, E]`` -> ``[B, n, E]``, for the pool rows start..start+B−1
     (or, given ``slots`` ``[B]``, for those rows of the pool).
@@ -260,12 +264,16 @@ def layer_forward(
     writes only those columns), then attends over the first W columns of its rows that ``mask``
     ``[B, 1, 1, n, W]`` shows (rows start..start+B−1 are read as views, ``slots`` gathered).
     cos/sin ``[B, 1, n, D]`` are the RoPE tables at each token's position.
+    ``group``: tensor parallelism (`kad.parallel`): ``w`` holds this rank's heads and MLP
+    columns, and the outputs of o and down are summed over the group (one all-reduce each).
     """
     batch, n, _ = x.shape
     eps, wf = arch.eps, arch.weight_first
     h = x if arch.post_norm else rms_norm(x, w.norm_attn, eps, wf)
     q, k, v = linear(h, w.qkv).split(arch.qkv_sizes, dim=-1)
-    if arch.qk_norm == "full":
+    if arch.qk_norm == "full" and group is not None:
+        q, k = sharded_qk_norm(q, k, w, arch, group)
+    elif arch.qk_norm == "full":
         q, k = rms_norm(q, w.q_norm, eps, wf), rms_norm(k, w.k_norm, eps, wf)
     q = q.view(batch, n, arch.heads, arch.head_dim)
     k = k.view(batch, n, arch.kv_heads, arch.head_dim)
@@ -287,15 +295,37 @@ def layer_forward(
     else:
         k_rows = k_cache[slots, :, :width]  # [B, Hkv, W, D] gathered
         v_rows = v_cache[slots, :, :width]
-    attn = linear(attend(q, k_rows, v_rows, mask), w.o)
+    attn = summed(linear(attend(q, k_rows, v_rows, mask), w.o), group)
     if arch.post_norm:
         x = x + rms_norm(attn, w.norm_attn, eps, wf)
-        return x + rms_norm(swiglu(x, w), w.norm_mlp, eps, wf)
+        return x + rms_norm(swiglu(x, w, group), w.norm_mlp, eps, wf)
     x = x + attn
-    return x + swiglu(rms_norm(x, w.norm_mlp, eps, wf), w)
+    return x + swiglu(rms_norm(x, w.norm_mlp, eps, wf), w, group)
 
 
-def swiglu(h: torch.Tensor, w: Layer) -> torch.Tensor:
-    """down(silu(gate(h)) · up(h)), with gate and up as one product."""
+def swiglu(h: torch.Tensor, w: Layer, group: ProcessGroup | None = None) -> torch.Tensor:
+    """down(silu(gate(h)) · up(h)), with gate and up as one product (summed over ``group``)."""
     gate, up = linear(h, w.gate_up).chunk(2, dim=-1)
-    return linear(F.silu(gate) * up, w.down)
+    return summed(linear(F.silu(gate) * up, w.down), group)
+
+
+def summed(x: torch.Tensor, group: ProcessGroup | None) -> torch.Tensor:
+    """x summed over the ranks of ``group`` (an all-reduce, capturable in a CUDA graph on
+    NCCL); x itself without a group."""
+    return x if group is None else funcol.all_reduce(x, "sum", group)
+
+
+def sharded_qk_norm(
+    q: torch.Tensor, k: torch.Tensor, w: Layer, arch: Arch, group: ProcessGroup
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """OLMo2's RMSNorm over the whole q (k) projection when each rank holds some heads:
+    the sums of squares of q and k ``[B, n, 2]`` are summed over the ranks in one all-reduce.
+    q ``[B, n, H·D]``, k ``[B, n, Hkv·D]`` (this rank's heads)."""
+    squares = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)], dim=-1)
+    squares = summed(squares, group)  # [B, n, 2]
+    widths = (arch.heads * arch.head_dim * arch.shards, arch.kv_heads * arch.head_dim * arch.shards)
+    out = []
+    for i, (x, weight) in enumerate(((q, w.q_norm), (k, w.k_norm))):
+        h = x.float() * torch.rsqrt(squares[..., i : i + 1] / widths[i] + arch.eps)
+        out.append((weight * h).to(x.dtype) if arch.weight_first else weight * h.to(x.dtype))
+    return out[0], out[1]

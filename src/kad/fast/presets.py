@@ -7,6 +7,7 @@ family's small model used as the proxy of each large one.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
@@ -160,25 +161,56 @@ def random_aligner(
     device: torch.device | str,
     dtype: torch.dtype,
     seed: int = 0,
+    tensor_parallel: int | None = None,
     **runtime: Any,
 ) -> Any:
     """A `kad.Aligner` over a random-weight preset pair (``"llama3-8b"`` or ``"base:proxy"``)
     that reads and writes text through the built-in pair's tokenizer (its vocabulary is the
     shared one): the real models' shapes, bytes and speed behind a server, for load tests.
-    ``runtime``: the Aligner's pool settings (max_rows, max_context, memory_fraction)."""
+    ``runtime``: the Aligner's pool settings (max_rows, max_context, memory_fraction).
+    ``tensor_parallel``: the base sharded over N ranks, as in `kad.Aligner.from_pretrained`
+    (every rank makes the same weights from ``seed``)."""
+    from kad.parallel.group import check_divides, check_size, launch
+
+    base_name, proxy_name = parse_pair(spec)
+    device = torch.device(device)
+    n = check_size(tensor_parallel, device)
+    build = functools.partial(_random_rank, base_name, proxy_name, dtype=dtype, seed=seed)
+    if n == 1:
+        return build(None, device=device, **runtime)
+    check_divides(preset_config(base_name), n, base_name)
+    return launch(n, device, functools.partial(build, **runtime))
+
+
+def _random_rank(
+    base_name: str,
+    proxy_name: str,
+    tp: Any,
+    *,
+    dtype: torch.dtype,
+    seed: int,
+    device: torch.device | None = None,
+    **runtime: Any,
+) -> Any:
+    """The aligner of `random_aligner` on ``device``, or on a tensor-parallel rank ``tp``
+    (the base made on the CPU when the ranks use GPUs: each rank moves its shard)."""
     from transformers import AutoTokenizer
 
     from kad.aligner import Aligner, Member
     from kad.models import PromptRenderer
     from kad.world import BASE_TEMPLATE, builtin_paths
 
-    base_name, proxy_name = parse_pair(spec)
+    if tp is not None:
+        device = tp.device
+    assert device is not None
+    base_device = torch.device("cpu") if tp is not None and device.type == "cuda" else device
     tokenizer = AutoTokenizer.from_pretrained(str(builtin_paths().proxy))
     torch.manual_seed(seed)
-    base = random_model(base_name, device=device, dtype=dtype)
+    base = random_model(base_name, device=base_device, dtype=dtype)
     proxy = random_model(proxy_name, device=device, dtype=dtype)
     return Aligner(
         Member(base, tokenizer, PromptRenderer(tokenizer, False, BASE_TEMPLATE)),
         Member(proxy, tokenizer, PromptRenderer(tokenizer, True, None)),
+        parallel=tp,
         **runtime,
     )

@@ -52,20 +52,22 @@ class StaticRunner:
         *,
         graphs: bool | None = None,
         compile: bool | None = None,
-        graph_pool: object = None,
+        net: LlamaFamily | None = None,
     ) -> None:
         """graphs: capture rounds (and prefill) as CUDA graphs (default: on a CUDA device).
         compile: run the decode layers compiled by Inductor (default: with graphs, unless
-        KAD_COMPILE=0). graph_pool: the memory pool the prefill graphs share with the rounds'."""
+        KAD_COMPILE=0). net: the model's tensors when they are not the model's own (a tensor-parallel shard,
+        `kad.parallel.shard`); its device is the runner's."""
         self.model = model
-        self.net = LlamaFamily(model, vocab_size)
+        self.net = LlamaFamily(model, vocab_size) if net is None else net
         self.vocab_size = vocab_size
         self.device = self.net.device
         self.graphable = self.device.type == "cuda" if graphs is None else graphs
         if compile is None:
             compile = self.graphable and os.environ.get("KAD_COMPILE", "1") != "0"
         self.compiled = compile
-        self.layer_fn = compiled_layer() if compile else layer_forward
+        self.layer_fn = compiled_layer() if compile else layer_forward  # decode-sized steps
+        self.eager_layer = layer_forward  # prefill chunks
         self.rows, self.context = rows, context
         scratch = 1  # slot R: where the padding rows of bucketed prefills write
         shape = self.net.kv_shape(rows + scratch, context)
@@ -78,7 +80,7 @@ class StaticRunner:
         self.cos, self.sin = self.net.rope_tables(context)  # [S, D]
         self.columns = torch.arange(context, device=dev)
         self._timings: dict[tuple[int, int], float] = {}
-        self.graph_pool = graph_pool
+        self.graph_pool: object = None  # the runtime's pool, shared by all its graphs
         self._prefills: dict[tuple[int, int, int], Graph] = {}
 
     @property
@@ -118,7 +120,7 @@ class StaticRunner:
         x = F.embedding(tokens.to(self.device), self.net.embed)  # [B, n, E]
         arch = self.net.arch
         compiled = decode and n <= 16 and self.compiled
-        layer_fn = self.layer_fn if compiled else layer_forward
+        layer_fn = self.layer_fn if compiled else self.eager_layer
         with static_shapes():
             for layer, k, v in zip(self.net.layers, self.k, self.v, strict=True):
                 if compiled:

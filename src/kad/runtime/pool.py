@@ -53,10 +53,14 @@ def plan_pool(
     max_rows: int | None = None,
     max_context: int | None = None,
     memory_fraction: float | None = None,
+    device: torch.device | None = None,
+    kv_shards: dict[str, int] | None = None,
 ) -> PoolPlan:
     """Size the pool. Each model gets min(max_context, its own context) columns. Rows:
     ``max_rows``, or as many as the budget holds: on a GPU ``memory_fraction`` of the device
-    memory less what is already used (weights), on a CPU 1 GiB; at most 256 (GPU) or 64 (CPU)."""
+    memory less what is already used (weights), on a CPU 1 GiB; at most 256 (GPU) or 64 (CPU).
+    ``device``: where the pools live (default: the first model's); ``kv_shards``: role -> the
+    ranks that split its KV heads (tensor parallelism: each rank holds 1/N of its cache)."""
     if max_rows is not None and (
         isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
     ):
@@ -69,8 +73,12 @@ def plan_pool(
         raise KadError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
     wanted = DEFAULT_CONTEXT if max_context is None else max_context
     contexts = {role: min(wanted, model_contexts[role]) for role in models}
-    per_row = sum(kv_bytes_per_token(m) * contexts[r] for r, m in models.items())
-    device = next(iter(models.values())).get_input_embeddings().weight.device
+    shards = kv_shards or {}
+    per_row = sum(
+        kv_bytes_per_token(m) // shards.get(r, 1) * contexts[r] for r, m in models.items()
+    )
+    if device is None:
+        device = next(iter(models.values())).get_input_embeddings().weight.device
     if device.type == "cuda":
         free, total = torch.cuda.mem_get_info(device)
         fraction = DEFAULT_MEMORY_FRACTION if memory_fraction is None else memory_fraction

@@ -18,6 +18,11 @@ tokens at the round's start, the stream 3j for draft j, 3j + 1 for its test, 3γ
 next token. A row's draws therefore depend only on its own seed and progress, never on its batch
 or on when it joined. The round reads nothing on the host: on a GPU it is captured once per
 (batch bucket, γ, models) and replayed; its results come back in one tensor.
+
+Tensor parallelism (`kad.parallel`): every rank runs the same round. A base runner with an
+``agree`` method (the sharded one) makes every rank take rank 0's drafts (before the base reads
+them) and rank 0's accepted counts and next tokens (before anything is committed), so no rank's
+caches or tokens can drift from the others even where kernels round differently.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ def decode_round(
     ``uniforms``: `counter_uniform` or its compiled form (the same values)."""
     base, proxy = runners["base"], runners["proxy"]
     proxy_base = runners.get("proxy_base")
+    agree = getattr(base, "agree", None)  # tensor parallelism: rank 0's values (module doc)
     live = live or {}
     rules, warps = table.rules[:batch], table.warps[:batch]  # [B, 1 + C], [B, 3]
     active = table.active[:batch]  # [B] bool
@@ -75,6 +81,8 @@ def decode_round(
         q_steps.append(q_j)  # [B, V]
         q_tilde.append(warp_rows(q_j, warps, cut))
         current = sample_inverse_cdf(q_tilde[-1], draws[:, 3 * j])
+        if agree is not None:
+            current = agree(current)
         drafts.append(current)
     drafted = (
         torch.stack(drafts, dim=1)
@@ -115,6 +123,8 @@ def decode_round(
     accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde_all, tests)  # [B]
     after = next_distribution(accepted, target, q_tilde_all)  # [B, V]
     token = sample_inverse_cdf(after, draws[:, 3 * gamma + 2])  # [B]
+    if agree is not None:
+        accepted, token = agree(torch.stack([accepted, token])).unbind(0)  # [2, B]
 
     kept = (accepted + 1) * active  # [B]
     base.advance(0, kept)

@@ -35,7 +35,9 @@ def log_probs(logits: torch.Tensor) -> torch.Tensor:
 
 
 class Runner(Protocol):
-    """What the round and the scheduler need from one model's cache (module doc)."""
+    """What the round and the scheduler need from one model's cache (module doc). A base
+    runner may also have ``agree(tensor) -> tensor`` (tensor parallelism: rank 0's values on
+    every rank), which the round then calls on its drafts and decisions."""
 
     rows: int
     context: int

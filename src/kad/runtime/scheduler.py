@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import deque
 from collections.abc import Sequence as Seq
 from dataclasses import replace
+from typing import Any
 
 import torch
 from transformers import PreTrainedModel
@@ -47,20 +48,14 @@ BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
 def make_runner(
-    model: PreTrainedModel,
-    vocab_size: int,
-    rows: int,
-    context: int,
-    fast: bool | None,
-    graph_pool: object = None,
+    model: PreTrainedModel, vocab_size: int, rows: int, context: int, fast: bool | None
 ) -> Runner:
     """A `StaticRunner` for the architectures the compact forward supports (unless ``fast`` is
-    False), else a `TransformersRunner`. ``fast`` True insists (a KadError names why not).
-    ``graph_pool``: the CUDA graph memory pool the runner's own graphs (prefill) share."""
+    False), else a `TransformersRunner`. ``fast`` True insists (a KadError names why not)."""
     reason = unsupported_reason(model)
     if fast is False or (reason is not None and fast is None):
         return TransformersRunner(model, vocab_size, rows, context)
-    return StaticRunner(model, vocab_size, rows, context, graph_pool=graph_pool)
+    return StaticRunner(model, vocab_size, rows, context)
 
 
 def bucket(batch: int, rows: int) -> int:
@@ -86,7 +81,7 @@ class Runtime:
         prefill_chunk: int = PREFILL_CHUNK,
         prefill_delay: int = 0,
     ) -> None:
-        self.plan: PoolPlan = plan_pool(
+        self.plan: PoolPlan = self._plan(
             models,
             contexts,
             max_rows=max_rows,
@@ -94,10 +89,8 @@ class Runtime:
             memory_fraction=memory_fraction,
         )
         rows = self.plan.rows
-        on_gpu = next(iter(models.values())).device.type == "cuda"
-        self._pool = torch.cuda.graph_pool_handle() if on_gpu else None  # all graphs share it
         self.runners: dict[str, Runner] = {
-            role: make_runner(model, vocab_size, rows, self.plan.contexts[role], fast, self._pool)
+            role: self._runner(role, model, vocab_size, rows, self.plan.contexts[role], fast)
             for role, model in models.items()
         }
         self.device = self.runners["base"].device
@@ -115,7 +108,29 @@ class Runtime:
         self._weight_bytes = (_bytes(self.runners["proxy"]), _bytes(self.runners["base"]))
         self.graphed = all(r.graphable for r in self.runners.values())
         self.graphs: dict[tuple[int, int, bool], Graph] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.graphed else None  # all graphs'
+        for runner in self.runners.values():
+            if isinstance(runner, StaticRunner):
+                runner.graph_pool = self._pool  # its prefill graphs
         self._beside = torch.cuda.Stream(self.device) if self.graphed else None
+
+    def _plan(
+        self, models: dict[str, PreTrainedModel], contexts: dict[str, int], **sizes: Any
+    ) -> PoolPlan:
+        """The pool's plan (`plan_pool`); `kad.parallel` sizes a rank's share of it."""
+        return plan_pool(models, contexts, **sizes)
+
+    def _runner(
+        self,
+        role: str,
+        model: PreTrainedModel,
+        vocab: int,
+        rows: int,
+        context: int,
+        fast: bool | None,
+    ) -> Runner:
+        """One model's runner (`make_runner`); `kad.parallel` shards the base."""
+        return make_runner(model, vocab, rows, context, fast)
 
     @property
     def rows(self) -> int:

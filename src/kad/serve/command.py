@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from kad.errors import KadError
-from kad.options import load_aligner, with_rule_options
+from kad.options import TensorParallelOpt, load_aligner, with_rule_options
 from kad.rules import RULE_NAMES, make_rule
 from kad.serve.app import MAX_BODY_BYTES, MAX_PROMPT_CHARS, create_app
 from kad.speculative import parse_speculative
@@ -103,6 +103,7 @@ def serve_command(
         int | None,
         typer.Option(help="Torch CPU threads (default on CPU: all cores but one, for HTTP)."),
     ] = None,
+    tensor_parallel: TensorParallelOpt = None,
 ) -> None:
     """Serve a KAD-aligned pair behind an OpenAI-compatible API (completions and chat)."""
     import uvicorn
@@ -140,6 +141,7 @@ def serve_command(
             max_rows=max_rows,
             max_context=max_context,
             memory_fraction=memory_fraction,
+            tensor_parallel=tensor_parallel,
         )
         pair = f"random-weight {random_init}"
     else:
@@ -153,13 +155,15 @@ def serve_command(
             max_rows=max_rows,
             max_context=max_context,
             memory_fraction=memory_fraction,
+            tensor_parallel=tensor_parallel,
         )
         pair = (
             "the built-in pair"
             if base is None
             else f"{Path(proxy).name} steering {Path(base).name}"
         )
-    set_cpu_threads(aligner, threads)
+    if aligner.parallel is None:  # the ranks share the cores already (kad.parallel.group)
+        set_cpu_threads(aligner, threads)
     app = create_app(
         aligner,
         rule=chosen,
@@ -171,3 +175,4 @@ def serve_command(
     )
     typer.echo(f"serving {model_name!r} ({pair}) at http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level="info")
+    aligner.close()

@@ -1,0 +1,109 @@
+"""Tensor parallelism on one GPU: is ``tensor_parallel=1`` as fast as the fast path before it,
+and does the parallel code path (a world of 1 over NCCL) capture and decode right?
+
+    python scripts/gpu_tp.py [--baseline 17a607e] [--preset llama3-8b] [--out /tmp/gpu_tp]
+
+A. ``kad bench --random-init PRESET`` (no transformers peers, no check) on a worktree of the
+   baseline commit and on this tree, with ``--tensor-parallel 1``: tokens/s per path, side by
+   side (TP=1 runs the single-process runtime, so the ratio should be ~1.00).
+B. The `kad.parallel` path with one rank (`launch(1, ...)`: a sharded runner whose all-reduces
+   and broadcasts run over a 1-rank NCCL group, inside the compiled layers and CUDA graphs)
+   against the plain runtime on the same random weights: greedy tokens (must be equal), and
+   tokens/s, plain and speculative γ = 4.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def bench(tree: Path, preset: str, out: Path, extra: list[str]) -> dict:
+    args = [sys.executable, "-m", "kad", "bench", "--random-init", preset, "--batch", "1,8,32",
+            "--gammas", "1,4", "--no-transformers", "--no-check", "--repeats", "3",
+            "--out", str(out), *extra]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(tree / "src")}
+    subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def part_a(baseline: str, preset: str, out: Path) -> None:
+    tree = out / "baseline"
+    if not tree.exists():
+        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
+                        baseline], check=True)  # fmt: skip
+    before = bench(tree, preset, out / "baseline.json", [])
+    after = bench(ROOT, preset, out / "tp1.json", ["--tensor-parallel", "1"])
+    print(f"A. {preset}: tokens/s, baseline {baseline} vs this tree with --tensor-parallel 1")
+    for b0, b1 in zip(before["batches"], after["batches"], strict=True):
+        rows1 = {r["path"]: r["tokens_per_s"] for r in b1["rows"]}
+        for r in b0["rows"]:
+            if r["path"] in rows1:
+                ratio = rows1[r["path"]] / r["tokens_per_s"]
+                print(f"  B={b0['batch']:>3} {r['path']:<45} {r['tokens_per_s']:>9.1f} "
+                      f"{rows1[r['path']]:>9.1f}  x{ratio:.3f}")  # fmt: skip
+
+
+def decode(aligner, prompts: list[list[int]], gamma: int | None, n: int) -> tuple[list, float]:
+    import torch
+
+    ids = {"base": prompts, "proxy": prompts}
+    aligner.generate(["x"] * len(prompts), max_new_tokens=4, speculative=gamma)  # warm-up
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    session = aligner.start(["x"] * len(prompts), max_new_tokens=n, speculative=gamma,
+                            prompt_ids=ids)  # fmt: skip
+    with torch.inference_mode():
+        while not session.done:
+            session.step()
+    torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    gens = session.results()
+    return [g.token_ids for g in gens], sum(len(g.token_ids) for g in gens) / seconds
+
+
+def part_b(preset: str) -> None:
+    import torch
+
+    from kad.fast.presets import _random_rank, parse_pair, random_aligner
+    from kad.parallel.group import launch
+
+    device, dtype = torch.device("cuda"), torch.bfloat16
+    prompts = [[(7 * i + 13 * j) % 1000 + 10 for j in range(128)] for i in range(4)]
+    settings = {"max_rows": 8, "max_context": 512}
+    plain = random_aligner(preset, device=device, dtype=dtype, **settings)
+    names = parse_pair(preset)
+    parallel = launch(1, device, functools.partial(_random_rank, *names, dtype=dtype, seed=0,
+                                                   **settings))  # fmt: skip
+    print(f"B. {preset}: the kad.parallel path with 1 rank vs the plain runtime")
+    for gamma in (None, 4):
+        ref, rate_ref = decode(plain, prompts, gamma, 128)
+        got, rate = decode(parallel, prompts, gamma, 128)
+        print(f"  γ={gamma}: tokens equal: {got == ref}; tokens/s plain {rate_ref:.1f}, "
+              f"parallel path {rate:.1f} (x{rate / rate_ref:.3f})")  # fmt: skip
+    parallel.close()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--baseline", default="17a607e")
+    parser.add_argument("--preset", default="llama3-8b")
+    parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_tp"))
+    parser.add_argument("--skip-a", action="store_true", help="only part B")
+    args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.skip_a:
+        part_a(args.baseline, args.preset, args.out)
+    part_b(args.preset)
+
+
+if __name__ == "__main__":
+    main()
