@@ -4,7 +4,9 @@ Each `step()` is one iteration at a round boundary:
 
 1. **admit**: waiting sequences take free slots, first come first served;
 2. **prefill**: up to ``prefill_chunk`` prompt tokens per model are cached, oldest first, so a
-   long prompt stalls the running rows for one chunk at most;
+   long prompt stalls the running rows for one chunk at most. While rows decode, a joining
+   prompt may wait up to ``prefill_delay`` rounds (`PREFILL_DELAY`) to be cached together with
+   others (a prefill reads every weight however few its rows; on a GPU each is a CUDA graph);
 3. **decode**: one round (`kad.runtime.round`) over the occupied slots, whatever their rules and
    sampling parameters; sequences whose prompt is cached join it;
 4. **release**: finished or cancelled sequences free their slot at once; the last occupied slot
@@ -44,6 +46,7 @@ from kad.speculative import AutoGamma
 
 PREFILL_CHUNK = 512
 PREFILL_GROUP = 8  # joining prompts that are cached at once without waiting
+PREFILL_DELAY = 4  # rounds a joining prompt may wait to be cached with others (BENCHMARKS.md)
 BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 160, 192, 224, 256)
 
 
@@ -79,7 +82,7 @@ class Runtime:
         max_context: int | None = None,
         memory_fraction: float | None = None,
         prefill_chunk: int = PREFILL_CHUNK,
-        prefill_delay: int = 0,
+        prefill_delay: int = PREFILL_DELAY,
     ) -> None:
         self.plan: PoolPlan = self._plan(
             models,
