@@ -41,12 +41,15 @@ from kad.options import (
     MemoryFraction,
     Proxy,
     ProxyBase,
+    QuantizeBase,
+    QuantizeProxy,
     RuleOpt,
     Seed,
     Speculative,
     Temperature,
     TopP,
     load_aligner,
+    quantize_of,
     with_rule_options,
 )
 
@@ -179,6 +182,8 @@ def generate(
     max_rows: MaxRows = None,
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON list: each prompt with text and stats.")
     ] = False,
@@ -203,6 +208,7 @@ def generate(
         max_rows=max_rows,
         max_context=max_context,
         memory_fraction=memory_fraction,
+        quantize=quantize_of(quantize_base, quantize_proxy),
     )
     outputs = aligner.generate(
         prompts,

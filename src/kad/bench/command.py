@@ -14,6 +14,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kad.bench.render import render, to_json
 from kad.bench.run import BenchConfig, acceptance_run, run_bench
 from kad.errors import KadError
+from kad.options import QuantizeBase, QuantizeProxy, quantize_of
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -113,6 +114,8 @@ def bench_command(
     ] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print the results as JSON.")] = False,
     out: Annotated[Path | None, typer.Option(help="Also write the JSON results here.")] = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Decode speed of base, proxy, plain and speculative KAD next to the memory roofline and
     transformers, on real models or random-weight presets.
@@ -135,6 +138,7 @@ def bench_command(
         transformers=transformers_baselines,
         check=check,
         profile=profile,
+        quantize=quantize_of(quantize_base, quantize_proxy),
     )
     if acceptance:
         results: dict[str, Any] = {"acceptance": acceptance_run(config)}

@@ -26,6 +26,8 @@ from kad.options import (
     MemoryFraction,
     Proxy,
     ProxyBase,
+    QuantizeBase,
+    QuantizeProxy,
     RuleOpt,
     Seed,
     Speculative,
@@ -33,6 +35,7 @@ from kad.options import (
     TopP,
     load_aligner,
     model_paths,
+    quantize_of,
     with_rule_options,
 )
 
@@ -89,8 +92,10 @@ def run_record(
     rule: Rule,
     decoding: dict[str, Any],
     shots: int | None,
+    quantize: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The settings that define a method, as kept in ``run.json`` and every summary."""
+    """The settings that define a method, as kept in ``run.json`` and every summary
+    (``quantize`` only when a model is quantized: it changes p or q*)."""
     from kad.rules import rule_params
 
     return {
@@ -100,6 +105,7 @@ def run_record(
         "rule": rule.name,
         "params": rule_params(rule),
         "shots": shots,
+        **({"quantize": quantize} if quantize else {}),
         **decoding,
     }
 
@@ -157,6 +163,8 @@ def eval_command(
     max_rows: MaxRows = None,
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Evaluate one method on tasks: a JSONL line per example and a summary, resumable."""
     from kad.eval.runner import method_name, run_eval
@@ -169,7 +177,8 @@ def eval_command(
     paths = model_paths(base, proxy, proxy_base)
     check_proxy_base([rule_obj], paths[2])
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
-    run = run_record(*paths, rule_obj, decoding, shots)
+    quantize = quantize_of(quantize_base, quantize_proxy)
+    run = run_record(*paths, rule_obj, decoding, shots, quantize)
     aligner = load_aligner(
         base,
         proxy,
@@ -180,6 +189,7 @@ def eval_command(
         max_rows=max_rows,
         max_context=max_context,
         memory_fraction=memory_fraction,
+        quantize=quantize,
     )
     folder = out / method_name(rule_obj.name, run["params"])
     for one in tasks:
@@ -229,6 +239,8 @@ def sweep_command(
     max_rows: MaxRows = None,
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Run the paper's comparison: every task at every grid point, one folder per point.
 
@@ -252,6 +264,7 @@ def sweep_command(
     points = sweep.grid(rule_names, grids, loss, **fixed)
     check_proxy_base(points, paths[2])
     decoding = decoding_options(max_new_tokens, temperature, top_p, seed, speculative)
+    quantize = quantize_of(quantize_base, quantize_proxy)
     aligner = load_aligner(
         base,
         proxy,
@@ -262,13 +275,14 @@ def sweep_command(
         max_rows=max_rows,
         max_context=max_context,
         memory_fraction=memory_fraction,
+        quantize=quantize,
     )
     summaries = sweep.run_sweep(
         aligner,
         tasks,
         points,
         out,
-        lambda r: run_record(*paths, r, decoding, shots),
+        lambda r: run_record(*paths, r, decoding, shots, quantize),
         data_dir=data_dir,
         limit=limit,
         batch_size=batch_size,

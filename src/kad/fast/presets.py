@@ -23,6 +23,20 @@ _LLAMA3_ROPE = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # meta-llama/Meta-Llama-3-70B (its RoPE as the 8B's: its config.json has no rope_scaling)
+    "llama3-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
     # meta-llama/Meta-Llama-3-8B
     "llama3-8b": dict(
         model_type="llama",
@@ -114,6 +128,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PAIRS: dict[str, str] = {
+    "llama3-70b": "llama3.2-1b",
     "llama3-8b": "llama3.2-1b",
     "olmo2-13b": "olmo2-1b",
     "qwen3-14b": "qwen3-1.7b",
@@ -140,18 +155,57 @@ def parse_pair(spec: str) -> tuple[str, str]:
     return base, proxy
 
 
-def random_model(name: str, *, device: torch.device | str, dtype: torch.dtype) -> PreTrainedModel:
+def random_model(
+    name: str, *, device: torch.device | str, dtype: torch.dtype, quantize: str = "none"
+) -> PreTrainedModel:
     """A model of the preset's architecture with random weights (the architecture's own
-    initialisation), made directly on ``device``; on "meta" no memory is used."""
+    initialisation), made directly on ``device``; on "meta" no memory is used.
+
+    ``quantize`` ("int8", "int4"): the decoder projections quantized (`kad.fast.quant`). The
+    model is then made on the meta device and each decoder layer made on ``device``,
+    initialised and quantized in turn, so a 70B model in int8 never holds its float weights."""
     config = preset_config(name)
-    with torch.device(device):
+    if quantize == "none":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval()
+    from kad.fast.quant import check_quantizable, quantize_layer
+
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    check_quantizable(model, quantize)
+    decoder = model.model
+    layers, decoder.layers = decoder.layers, torch.nn.ModuleList()
+    model.to_empty(device=device)  # embeddings, norm, head: initialised below
+    model.tie_weights()  # to_empty unties a tied head
+    with torch.device(device):
+        decoder.rotary_emb = type(decoder.rotary_emb)(config=model.config)  # its own tables
+    _initialise(model, model)
+    for block in layers:
+        block.to_empty(device=device)
+        _initialise(model, block)
+        quantize_layer(block, quantize)
+        decoder.layers.append(block)
     return model.eval()
 
 
+@torch.no_grad()
+def _initialise(model: PreTrainedModel, part: torch.nn.Module) -> None:
+    """The architecture's own initialisation of the modules of ``part``."""
+    for module in part.modules():
+        model._init_weights(module)
+
+
 def parameter_count(model: PreTrainedModel) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters (tied embeddings counted once), a quantized projection's weights and
+    bias among them."""
+    from kad.fast.quant import QuantizedLinear
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features + (0 if m.packed.bias is None else m.out_features)
+        for m in quantized
+    )
 
 
 def random_aligner(
@@ -160,23 +214,32 @@ def random_aligner(
     device: torch.device | str,
     dtype: torch.dtype,
     seed: int = 0,
+    quantize: dict[str, str] | None = None,
     **runtime: Any,
 ) -> Any:
     """A `kad.Aligner` over a random-weight preset pair (``"llama3-8b"`` or ``"base:proxy"``)
     that reads and writes text through the built-in pair's tokenizer (its vocabulary is the
     shared one): the real models' shapes, bytes and speed behind a server, for load tests.
-    ``runtime``: the Aligner's pool settings (max_rows, max_context, memory_fraction)."""
+    ``quantize``: per role, as `Aligner.from_pretrained`'s (made layer by layer, see
+    `random_model`). ``runtime``: the Aligner's pool settings (max_rows, max_context,
+    memory_fraction)."""
     from transformers import AutoTokenizer
 
     from kad.aligner import Aligner, Member
+    from kad.fast.quant import parse_quantize
     from kad.models import PromptRenderer
     from kad.world import BASE_TEMPLATE, builtin_paths
 
+    formats = parse_quantize(quantize)
+    if "proxy_base" in formats:
+        raise KadError("a random-weight pair has no proxy_base to quantize")
     base_name, proxy_name = parse_pair(spec)
     tokenizer = AutoTokenizer.from_pretrained(str(builtin_paths().proxy))
     torch.manual_seed(seed)
-    base = random_model(base_name, device=device, dtype=dtype)
-    proxy = random_model(proxy_name, device=device, dtype=dtype)
+    base = random_model(base_name, device=device, dtype=dtype, quantize=formats.get("base", "none"))
+    proxy = random_model(
+        proxy_name, device=device, dtype=dtype, quantize=formats.get("proxy", "none")
+    )
     return Aligner(
         Member(base, tokenizer, PromptRenderer(tokenizer, False, BASE_TEMPLATE)),
         Member(proxy, tokenizer, PromptRenderer(tokenizer, True, None)),

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from kad.errors import KadError
-from kad.options import load_aligner, with_rule_options
+from kad.options import QuantizeBase, QuantizeProxy, load_aligner, quantize_of, with_rule_options
 from kad.rules import RULE_NAMES, make_rule
 from kad.serve.app import MAX_BODY_BYTES, MAX_PROMPT_CHARS, create_app
 from kad.speculative import parse_speculative
@@ -103,6 +103,8 @@ def serve_command(
         int | None,
         typer.Option(help="Torch CPU threads (default on CPU: all cores but one, for HTTP)."),
     ] = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Serve a KAD-aligned pair behind an OpenAI-compatible API (completions and chat)."""
     import uvicorn
@@ -121,6 +123,7 @@ def serve_command(
         ("--threads", threads),
     ):
         _at_least(name, value, 1)
+    quantize = quantize_of(quantize_base, quantize_proxy)
     if memory_fraction is not None and not 0 < memory_fraction <= 1:
         raise KadError(f"--memory-fraction must be in (0, 1], got {memory_fraction}")
     if chosen.needs_proxy_base and proxy_base is None and base is not None:
@@ -140,6 +143,7 @@ def serve_command(
             max_rows=max_rows,
             max_context=max_context,
             memory_fraction=memory_fraction,
+            quantize=quantize,
         )
         pair = f"random-weight {random_init}"
     else:
@@ -153,6 +157,7 @@ def serve_command(
             max_rows=max_rows,
             max_context=max_context,
             memory_fraction=memory_fraction,
+            quantize=quantize,
         )
         pair = (
             "the built-in pair"
