@@ -258,3 +258,21 @@ def test_the_70b_preset_is_made_layer_by_layer_and_quantized(monkeypatch):
     assert torch.equal(model.model.rotary_emb.inv_freq, plain.model.rotary_emb.inv_freq)
     with torch.no_grad():
         assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_bench_and_eval_carry_the_formats(tiny_dirs, tmp_path):
+    from kad.bench.loading import load_pair
+    from kad.eval.commands import run_record
+    from kad.eval.runner import check_run_file
+
+    pair = load_pair(
+        str(tiny_dirs.base), str(tiny_dirs.proxy), None, 0, torch.device("cpu"), torch.float32,
+        {"proxy": "int8"},
+    )  # fmt: skip
+    assert (format_of(pair.base), format_of(pair.proxy)) == ("none", "int8")
+    plain = run_record("b", "p", None, kad.Dual(), {}, None)
+    quantized = run_record("b", "p", None, kad.Dual(), {}, None, {"base": "int4"})
+    assert "quantize" not in plain and quantized["quantize"] == {"base": "int4"}
+    check_run_file(tmp_path, plain)
+    with pytest.raises(kad.KadError, match="quantize"):
+        check_run_file(tmp_path, quantized)  # a folder holds one setting

@@ -78,7 +78,7 @@ def bench_command(
         str | None,
         typer.Option(
             "--random-init",
-            help="BASE[:PROXY] presets with random weights: llama3-8b, llama3.2-1b, olmo2-13b, "
+            help="BASE[:PROXY] presets with random weights: llama3-70b, llama3-8b, llama3.2-1b, olmo2-13b, "
             "olmo2-1b, qwen3-14b, qwen3-1.7b (the proxy defaults to the family's small model).",
         ),
     ] = None,
