@@ -30,7 +30,7 @@ import torch
 
 import kad
 from kad.bench.loading import random_prompts, runtime_for
-from kad.bench.measure import decode_alone, time_runtime
+from kad.bench.measure import GAMMA_MAX, decode_alone, time_runtime
 from kad.fast import presets
 from kad.fast.presets import random_model
 from kad.fast.quant import dequantize, quantize_model, quantize_weight, weight_bytes
@@ -103,30 +103,46 @@ def dequantized_copy(model: torch.nn.Module, fmt: str) -> torch.nn.Module:
     return ref
 
 
+def centred_error(lp: torch.Tensor, ref: torch.Tensor) -> float:
+    """‖c(lp) − c(ref)‖ / ‖c(ref)‖, c centring each position's log-probs (the logits up to a
+    constant): near-uniform random-model distributions cannot hide a wrong product."""
+    a, b = (t.float() - t.float().mean(-1, keepdim=True) for t in (lp, ref))
+    return ((a - b).norm() / b.norm()).item()
+
+
+def eager(model: torch.nn.Module) -> StaticRunner:
+    return StaticRunner(model, VOCAB, 1, 512, graphs=False, compile=False)
+
+
 def check() -> dict[str, Any]:
     presets.PRESETS["llama3-8b-4l"] = dict(presets.PRESETS["llama3-8b"], num_hidden_layers=4)
     torch.manual_seed(0)
     out: dict[str, Any] = {}
     ids = torch.randint(0, VOCAB, (1, 316), device=DEVICE)
+    chunks = {"prefill 250": [250, 310, 311], "prefill by 60": [60, 120, 180, 240, 300, 310, 311]}
     for fmt in ("int8", "int4"):
         torch.manual_seed(0)
         model = random_model("llama3-8b-4l", device=DEVICE, dtype=BF16)
-        ref = dequantized_copy(model, fmt)
+        ref = dequantized_copy(model, fmt)  # before a runner fuses (and caches) q, k, v
+        with torch.inference_mode():
+            floats = log_probs_along(eager(model), ids, chunks["prefill 250"])
         quantize_model(model, fmt)
         with torch.inference_mode():
-            got = [log_probs_along(StaticRunner(model, VOCAB, 1, 512, graphs=False, compile=False), ids, c)
-                   for c in ([250, 310, 311], [60, 120, 180, 240, 300, 310, 311])]  # fmt: skip
-            want = log_probs_along(
-                StaticRunner(ref, VOCAB, 1, 512, graphs=False, compile=False), ids, [250, 310, 311]
-            )
-        for name, lp in zip(("prefill 250", "prefill by 60"), got, strict=True):
-            diff = (lp.float() - want.float()).abs()
-            out[f"{fmt} {name}"] = {
-                "max_abs_logprob_diff": diff.max().item(),
-                "mean_abs_logprob_diff": diff.mean().item(),
-                "argmax_agree": (lp.argmax(-1) == want.argmax(-1)).float().mean().item(),
-                "decode_positions_max_diff": diff[:, 310:].max().item(),
-            }
+            want = log_probs_along(eager(ref), ids, chunks["prefill 250"])
+            for name, cuts in chunks.items():
+                lp = log_probs_along(eager(model), ids, cuts)
+                out[f"{fmt} {name}"] = {
+                    "centred_error_vs_dequantized": centred_error(lp, want),
+                    "decode_positions_error": centred_error(lp[:, 310:], want[:, 310:]),
+                    "max_abs_logprob_diff": (lp.float() - want.float()).abs().max().item(),
+                    "argmax_agree": (lp.argmax(-1) == want.argmax(-1)).float().mean().item(),
+                }
+        out[f"{fmt} float vs dequantized (the quantization's own error)"] = centred_error(
+            floats, want
+        )
+        out[f"{fmt} ok"] = all(  # bf16 rounding: ~1e-2; a wrong product: ~1
+            out[f"{fmt} {name}"]["centred_error_vs_dequantized"] < 0.05 for name in chunks
+        )
         del model, ref
         free()
     return out
@@ -161,7 +177,9 @@ def proxy_alone() -> dict[str, Any]:
 
 
 def plain_kad(base: torch.nn.Module, proxy: torch.nn.Module) -> dict[str, Any]:
-    runtime = runtime_for({"base": base, "proxy": proxy}, VOCAB, 1, PROMPT + NEW + 20)
+    runtime = runtime_for(
+        {"base": base, "proxy": proxy}, VOCAB, 1, PROMPT + NEW + 2 * (GAMMA_MAX + 1)
+    )
     prompts = random_prompts(1, PROMPT, VOCAB, seed=2)
     run = time_runtime(runtime, prompts, kad.Dual(), None, NEW, REPEATS)
     rate = run.tokens / run.seconds

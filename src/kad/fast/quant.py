@@ -148,7 +148,9 @@ def quantized_linear(x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
     elif isinstance(layer, Int8Linear):
         y = torch.ops.kad.int8_mm(rows, layer.codes, layer.scale)
     else:  # a row slice's scale_zero is strided: dense for tinygemm (free when it is)
-        y = torch._weight_int4pack_mm(rows, layer.codes, layer.group, layer.scale_zero.contiguous())
+        y = torch._weight_int4pack_mm(
+            rows.contiguous(), layer.codes, layer.group, layer.scale_zero.contiguous()
+        )
     if layer.bias is not None:
         y = y + layer.bias
     return y.view(*x.shape[:-1], y.shape[-1])
