@@ -147,6 +147,7 @@ def test_roofline_formulas():
 
 # ----- presets
 PUBLISHED = {  # parameters as published on the model cards (billions)
+    "llama3-70b": 70.6,
     "llama3-8b": 8.03,
     "llama3.2-1b": 1.24,
     "olmo2-13b": 13.7,

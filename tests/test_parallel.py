@@ -78,7 +78,7 @@ def test_rows_joining_leaving_and_cancelled_mid_flight(tiny_aligner, tp_aligner,
     ]
     for _, kwargs in plan:
         kwargs["speculative"] = gamma
-    cancel_at = {2: 5}
+    cancel_at = {2: 9}  # after its prefill (joining prompts wait up to PREFILL_DELAY rounds)
     expected = run_plan(tiny_aligner, plan, cancel_at)
     assert run_plan(tp_aligner, plan, cancel_at) == expected
     assert 0 < len(expected[2][0]) < 12  # the cancelled row stopped early

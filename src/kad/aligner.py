@@ -132,6 +132,7 @@ class Aligner:
         max_context: int | None = None,
         memory_fraction: float | None = None,
         tensor_parallel: int | None = None,
+        quantize: dict[str, str] | None = None,
     ) -> Aligner:
         """Load the models from local directories, GGUF files, or Hub ids (online only).
 
@@ -142,7 +143,17 @@ class Aligner:
         tensor_parallel: shard the base over N ranks (`kad.parallel`, README "Tensor
         parallelism"); under torchrun only rank 0 returns, otherwise this process is rank 0 and
         spawns the others. N is checked against the GPUs and the base's heads before loading.
+        quantize: weight-only quantization per role, e.g. ``{"base": "int8", "proxy": "int4"}``
+        (`kad.fast.quant`; it changes that model's distribution). A quantized model is loaded
+        on the host and moved to the device one quantized layer at a time.
         """
+        from kad.fast.quant import parse_quantize, quantize_model
+
+        formats = parse_quantize(quantize)
+        if formats and device_map is not None:
+            raise KadError("quantize and device_map do not go together: quantize on one device")
+        if "proxy_base" in formats and proxy_base is None:
+            raise KadError("quantize names the proxy_base, but no proxy_base is loaded")
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
         from kad.parallel.group import check_model_divides, check_size, launch
@@ -153,6 +164,8 @@ class Aligner:
                 raise KadError("give tensor_parallel or device_map, not both")
             if fast is False:
                 raise KadError("tensor parallelism runs on the fast path: drop fast=False")
+            if formats:
+                raise KadError("tensor parallelism does not shard quantized models yet: drop quantize")
             check_model_divides(base, n)
             build = functools.partial(
                 _parallel_rank,
@@ -173,20 +186,34 @@ class Aligner:
                 member.renderer = PromptRenderer(member.tokenizer, True, proxy_template)
             return aligner
 
-        loaded: dict[str, tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
+        loaded: dict[tuple[str, str], tuple[PreTrainedModel, PreTrainedTokenizerBase]] = {}
 
-        def load(spec, chat: bool, template: Template) -> Member:
-            key = str(spec)
-            if key not in loaded:  # one model in two roles is loaded once
-                loaded[key] = load_causal_lm(
-                    spec, dtype=torch_dtype, device=target, device_map=device_map
-                )
+        def load(spec, role: str, chat: bool, template: Template) -> Member:
+            fmt = formats.get(role, "none")
+            key = (str(spec), fmt)
+            if key not in loaded:  # one model in two roles (and one format) is loaded once
+                if fmt == "none":
+                    loaded[key] = load_causal_lm(
+                        spec, dtype=torch_dtype, device=target, device_map=device_map
+                    )
+                else:
+                    model, tokenizer = load_causal_lm(
+                        spec, dtype=torch_dtype, device=torch.device("cpu")
+                    )
+                    try:
+                        quantize_model(model, fmt, target)
+                    except KadError as err:
+                        raise KadError(f"the {role} model {str(spec)!r}: {err}") from None
+                    loaded[key] = (model, tokenizer)
             model, tokenizer = loaded[key]
             return Member(model, tokenizer, PromptRenderer(tokenizer, chat, template))
 
-        members = [load(base, False, base_template), load(proxy, True, proxy_template)]
+        members = [
+            load(base, "base", False, base_template),
+            load(proxy, "proxy", True, proxy_template),
+        ]
         if proxy_base is not None:
-            members.append(load(proxy_base, True, proxy_template))
+            members.append(load(proxy_base, "proxy_base", True, proxy_template))
         return cls(
             *members,
             fast=fast,

@@ -41,6 +41,8 @@ from kad.options import (
     MemoryFraction,
     Proxy,
     ProxyBase,
+    QuantizeBase,
+    QuantizeProxy,
     RuleOpt,
     Seed,
     Speculative,
@@ -48,6 +50,7 @@ from kad.options import (
     TensorParallelOpt,
     TopP,
     load_aligner,
+    quantize_of,
     with_rule_options,
 )
 
@@ -181,6 +184,8 @@ def generate(
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
     tensor_parallel: TensorParallelOpt = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print a JSON list: each prompt with text and stats.")
     ] = False,
@@ -206,6 +211,7 @@ def generate(
         max_context=max_context,
         memory_fraction=memory_fraction,
         tensor_parallel=tensor_parallel,
+        quantize=quantize_of(quantize_base, quantize_proxy),
     )
     outputs = aligner.generate(
         prompts,

@@ -11,7 +11,7 @@ import inspect
 import typing
 from collections.abc import Callable
 from functools import wraps
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 import typer
 
@@ -185,6 +185,32 @@ TensorParallelOpt = Annotated[
     ),
 ]
 
+# --- weight-only quantization, per model (`kad.fast.quant`, which pins these names)
+QuantFormat = Literal["none", "int8", "int4"]
+QUANT_FORMATS: tuple[str, ...] = typing.get_args(QuantFormat)
+QuantizeBase = Annotated[
+    QuantFormat,
+    typer.Option(
+        "--quantize-base",
+        help="Weight-only quantization of the base's decoder projections: int8 per channel, "
+        "int4 in groups of 128 (compact forward only; changes p).",
+    ),
+]
+QuantizeProxy = Annotated[
+    QuantFormat,
+    typer.Option(
+        "--quantize-proxy",
+        help="Weight-only quantization of the proxy's decoder projections (changes q*).",
+    ),
+]
+
+
+def quantize_of(base: str = "none", proxy: str = "none") -> dict[str, str] | None:
+    """The ``quantize`` argument of `load_aligner` for --quantize-base/--quantize-proxy (None
+    when neither model is quantized)."""
+    chosen = {role: fmt for role, fmt in (("base", base), ("proxy", proxy)) if fmt != "none"}
+    return chosen or None
+
 
 def check_pair(base: str | None, proxy: str | None) -> None:
     """`KadError` for half a pair: both models, or neither (the built-in pair)."""
@@ -218,6 +244,7 @@ def load_aligner(
     max_context: int | None = None,
     memory_fraction: float | None = None,
     tensor_parallel: int | None = None,
+    quantize: dict[str, str] | None = None,
 ) -> Aligner:
     """The given pair (with ``proxy_base`` if given), or, when neither ``base`` nor ``proxy`` is
     given, the built-in pair (with ``proxy_base``, else its own proxy base). Half a pair is a
@@ -225,6 +252,7 @@ def load_aligner(
     only rank 0 returns: see `kad.parallel.group.launch`)."""
     check_pair(base, proxy)
     runtime = {
+        "quantize": quantize,
         "dtype": dtype,
         "device": device,
         "fast": fast,

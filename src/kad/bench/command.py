@@ -14,6 +14,7 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kad.bench.render import render, to_json
 from kad.bench.run import BenchConfig, acceptance_run, run_bench
 from kad.errors import KadError
+from kad.options import QuantizeBase, QuantizeProxy, quantize_of
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -85,7 +86,7 @@ def bench_command(
         str | None,
         typer.Option(
             "--random-init",
-            help="BASE[:PROXY] presets with random weights: llama3-8b, llama3.2-1b, olmo2-13b, "
+            help="BASE[:PROXY] presets with random weights: llama3-70b, llama3-8b, llama3.2-1b, olmo2-13b, "
             "olmo2-1b, qwen3-14b, qwen3-1.7b (the proxy defaults to the family's small model).",
         ),
     ] = None,
@@ -129,6 +130,8 @@ def bench_command(
             "runtime rows, the N-GPU roofline, per-rank bytes and the all-reduce time only.",
         ),
     ] = 1,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Decode speed of base, proxy, plain and speculative KAD next to the memory roofline and
     transformers, on real models or random-weight presets.
@@ -151,6 +154,7 @@ def bench_command(
         transformers=transformers_baselines,
         check=check,
         profile=profile,
+        quantize=quantize_of(quantize_base, quantize_proxy),
     )
     if tensor_parallel != 1:
         from kad.bench.parallel import parallel_bench, render_parallel

@@ -14,6 +14,7 @@ from transformers import PreTrainedModel
 from kad.errors import KadError
 from kad.fast.llama import unsupported_reason
 from kad.fast.presets import parse_pair, random_model
+from kad.fast.quant import parse_quantize
 from kad.models import context_length
 from kad.runtime.scheduler import Runtime
 
@@ -59,23 +60,30 @@ def load_pair(
     seed: int,
     device: torch.device,
     dtype: torch.dtype,
+    quantize: dict[str, str] | None = None,
 ) -> Pair:
     """Random-weight presets (``random_init`` = BASE[:PROXY]), or two real models (local dirs,
-    .gguf files, Hub ids) that the compact forward runs."""
+    .gguf files, Hub ids) that the compact forward runs; ``quantize`` per role ("base",
+    "proxy"), see `kad.fast.quant`."""
+    formats = parse_quantize(quantize)
+    if "proxy_base" in formats:
+        raise KadError("kad bench runs no proxy_base to quantize")
     if random_init is not None:
         if base or proxy:
             raise KadError("give either model paths or --random-init, not both")
         base_name, proxy_name = parse_pair(random_init)
         torch.manual_seed(seed)
-        base_model = random_model(base_name, device=device, dtype=dtype)
-        proxy_model = random_model(proxy_name, device=device, dtype=dtype)
+        base_model, proxy_model = (
+            random_model(name, device=device, dtype=dtype, quantize=formats.get(role, "none"))
+            for role, name in (("base", base_name), ("proxy", proxy_name))
+        )
         vocab = min(base_model.config.vocab_size, proxy_model.config.vocab_size)
         return Pair(base_name, proxy_name, base_model, proxy_model, vocab)
     if not (base and proxy):
         raise KadError("give a base and a proxy model (paths or Hub ids), or --random-init BASE")
     from kad.aligner import Aligner
 
-    aligner = Aligner.from_pretrained(base, proxy, dtype=dtype, device=device)
+    aligner = Aligner.from_pretrained(base, proxy, dtype=dtype, device=device, quantize=formats)
     pair = Pair(
         base,
         proxy,

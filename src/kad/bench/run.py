@@ -90,6 +90,7 @@ class BenchConfig:
     acceptance_tokens: int = 128
     seed: int = 0
     profile: bool = False
+    quantize: dict[str, str] | None = None  # per role, as `Aligner.from_pretrained`'s
 
 
 @dataclass
@@ -360,7 +361,9 @@ def run_bench(
     results so far after each batch size."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    pair = load_pair(config.base, config.proxy, config.random_init, config.seed, device, dtype)
+    pair = load_pair(
+        config.base, config.proxy, config.random_init, config.seed, device, dtype, config.quantize
+    )
     bandwidth = copy_bandwidth(device)
     base_bytes, proxy_bytes = model_bytes(pair.base), model_bytes(pair.proxy)
     results: dict[str, Any] = {
@@ -408,6 +411,7 @@ def _meta(config: BenchConfig, device: torch.device, dtype: torch.dtype, bandwid
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "device": gpu or device.type,
         "dtype": str(dtype).removeprefix("torch."),
+        "quantize": config.quantize or {},
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "kad": kad.__version__,

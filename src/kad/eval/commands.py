@@ -27,6 +27,8 @@ from kad.options import (
     MemoryFraction,
     Proxy,
     ProxyBase,
+    QuantizeBase,
+    QuantizeProxy,
     RuleOpt,
     Seed,
     Speculative,
@@ -34,6 +36,7 @@ from kad.options import (
     TopP,
     load_aligner,
     model_paths,
+    quantize_of,
     with_rule_options,
 )
 
@@ -99,8 +102,10 @@ def run_record(
     rule: Rule,
     decoding: dict[str, Any],
     shots: int | None,
+    quantize: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """The settings that define a method, as kept in ``run.json`` and every summary."""
+    """The settings that define a method, as kept in ``run.json`` and every summary
+    (``quantize`` only when a model is quantized: it changes p or q*)."""
     from kad.rules import rule_params
 
     return {
@@ -110,6 +115,7 @@ def run_record(
         "rule": rule.name,
         "params": rule_params(rule),
         "shots": shots,
+        **({"quantize": quantize} if quantize else {}),
         **decoding,
     }
 
@@ -161,7 +167,9 @@ class EvalPlan:
 
     def run_for(self, rule: Rule) -> dict[str, Any]:
         """The method record of ``rule``'s folder."""
-        return run_record(*self.paths, rule, self.decoding, self.shots)
+        return run_record(
+            *self.paths, rule, self.decoding, self.shots, self.models.get("quantize")
+        )
 
 
 def run_plan(plan: EvalPlan) -> None:
@@ -230,6 +238,8 @@ def eval_command(
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
     data_parallel: DataParallel = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Evaluate one method on tasks: a JSONL line per example and a summary, resumable."""
     from kad.rules import make_rule
@@ -240,6 +250,7 @@ def eval_command(
     rule_obj = make_rule(rule, **(rule_values or {}))
     paths = model_paths(base, proxy, proxy_base)
     check_proxy_base([rule_obj], paths[2])
+    quantize = quantize_of(quantize_base, quantize_proxy)
     plan = EvalPlan(
         tasks=tasks,
         rules=[rule_obj],
@@ -254,6 +265,7 @@ def eval_command(
             "max_rows": max_rows,
             "max_context": max_context,
             "memory_fraction": memory_fraction,
+            "quantize": quantize,
         },
         decoding=decoding_options(max_new_tokens, temperature, top_p, seed, speculative),
         shots=shots,
@@ -297,6 +309,8 @@ def sweep_command(
     max_context: MaxContext = None,
     memory_fraction: MemoryFraction = None,
     data_parallel: DataParallel = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Run the paper's comparison: every task at every grid point, one folder per point.
 
@@ -318,6 +332,7 @@ def sweep_command(
     grids, loss, fixed = sweep_settings(rule_values or {})
     points = sweep.grid(rule_names, grids, loss, **fixed)
     check_proxy_base(points, paths[2])
+    quantize = quantize_of(quantize_base, quantize_proxy)
     plan = EvalPlan(
         tasks=tasks,
         rules=points,
@@ -332,6 +347,7 @@ def sweep_command(
             "max_rows": max_rows,
             "max_context": max_context,
             "memory_fraction": memory_fraction,
+            "quantize": quantize,
         },
         decoding=decoding_options(max_new_tokens, temperature, top_p, seed, speculative),
         shots=shots,

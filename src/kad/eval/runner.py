@@ -41,6 +41,7 @@ IDENTITY_KEYS = (
     "base",
     "proxy",
     "proxy_base",
+    "quantize",
     "rule",
     "params",
     "shots",

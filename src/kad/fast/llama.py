@@ -32,6 +32,7 @@ from torch.distributed import _functional_collectives as funcol
 from transformers import PreTrainedModel
 
 from kad.errors import KadError
+from kad.fast.quant import QuantizedLinear, QuantLinear, quantized_linear
 
 SUPPORTED_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "olmo2")
 # RoPE variants whose tables depend on the position only (not on the sequence length).
@@ -65,12 +66,13 @@ class Linear(NamedTuple):
 
 class Layer(NamedTuple):
     """One decoder layer's tensors. norm_attn/norm_mlp are the input and post-attention norms
-    of pre-norm models, and the post-attention and post-feed-forward norms of OLMo2."""
+    of pre-norm models, and the post-attention and post-feed-forward norms of OLMo2. The
+    projections of a quantized model are `kad.fast.quant` types."""
 
-    qkv: Linear  # q, k, v stacked: [(H + 2·Hkv)·D, E]
-    o: Linear
-    gate_up: Linear  # gate, up stacked: [2·I, E]
-    down: Linear
+    qkv: Linear | QuantLinear  # q, k, v stacked: [(H + 2·Hkv)·D, E]
+    o: Linear | QuantLinear
+    gate_up: Linear | QuantLinear  # gate, up stacked: [2·I, E]
+    down: Linear | QuantLinear
     norm_attn: torch.Tensor
     norm_mlp: torch.Tensor
     q_norm: torch.Tensor | None
@@ -98,12 +100,17 @@ def unsupported_reason(model: PreTrainedModel) -> str | None:
         return "the model has no rotary embedding module"
     block = decoder.layers[0]
     projections = (block.self_attn.q_proj, block.mlp.gate_proj, block.mlp.down_proj)
-    if any(type(m) is not torch.nn.Linear or not m.weight.is_floating_point() for m in projections):
-        return "its linear layers are quantised or custom modules"
+    if not all(
+        type(m) is QuantizedLinear or (type(m) is torch.nn.Linear and m.weight.is_floating_point())
+        for m in projections
+    ):
+        return "its linear layers are quantised (not by kad) or custom modules"
     return None
 
 
-def _linear(module: torch.nn.Module) -> Linear:
+def _linear(module: torch.nn.Module) -> Linear | QuantLinear:
+    if isinstance(module, QuantizedLinear):
+        return module.packed
     bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
     return Linear(module.weight.detach(), bias)
 
@@ -211,8 +218,10 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, weight_first: bo
     return weight * h.to(x.dtype)
 
 
-def linear(x: torch.Tensor, layer: Linear) -> torch.Tensor:
-    return F.linear(x, layer.weight, layer.bias)
+def linear(x: torch.Tensor, layer: Linear | QuantLinear) -> torch.Tensor:
+    if isinstance(layer, Linear):
+        return F.linear(x, layer.weight, layer.bias)
+    return quantized_linear(x, layer)
 
 
 def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

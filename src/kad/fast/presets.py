@@ -24,6 +24,20 @@ _LLAMA3_ROPE = {
 }
 
 PRESETS: dict[str, dict[str, Any]] = {
+    # meta-llama/Meta-Llama-3-70B (its RoPE as the 8B's: its config.json has no rope_scaling)
+    "llama3-70b": dict(
+        model_type="llama",
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        vocab_size=128256,
+        max_position_embeddings=8192,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
     # meta-llama/Meta-Llama-3-8B
     "llama3-8b": dict(
         model_type="llama",
@@ -115,6 +129,7 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 PAIRS: dict[str, str] = {
+    "llama3-70b": "llama3.2-1b",
     "llama3-8b": "llama3.2-1b",
     "olmo2-13b": "olmo2-1b",
     "qwen3-14b": "qwen3-1.7b",
@@ -141,18 +156,57 @@ def parse_pair(spec: str) -> tuple[str, str]:
     return base, proxy
 
 
-def random_model(name: str, *, device: torch.device | str, dtype: torch.dtype) -> PreTrainedModel:
+def random_model(
+    name: str, *, device: torch.device | str, dtype: torch.dtype, quantize: str = "none"
+) -> PreTrainedModel:
     """A model of the preset's architecture with random weights (the architecture's own
-    initialisation), made directly on ``device``; on "meta" no memory is used."""
+    initialisation), made directly on ``device``; on "meta" no memory is used.
+
+    ``quantize`` ("int8", "int4"): the decoder projections quantized (`kad.fast.quant`). The
+    model is then made on the meta device and each decoder layer made on ``device``,
+    initialised and quantized in turn, so a 70B model in int8 never holds its float weights."""
     config = preset_config(name)
-    with torch.device(device):
+    if quantize == "none":
+        with torch.device(device):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return model.eval()
+    from kad.fast.quant import check_quantizable, quantize_layer
+
+    with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    check_quantizable(model, quantize)
+    decoder = model.model
+    layers, decoder.layers = decoder.layers, torch.nn.ModuleList()
+    model.to_empty(device=device)  # embeddings, norm, head: initialised below
+    model.tie_weights()  # to_empty unties a tied head
+    with torch.device(device):
+        decoder.rotary_emb = type(decoder.rotary_emb)(config=model.config)  # its own tables
+    _initialise(model, model)
+    for block in layers:
+        block.to_empty(device=device)
+        _initialise(model, block)
+        quantize_layer(block, quantize)
+        decoder.layers.append(block)
     return model.eval()
 
 
+@torch.no_grad()
+def _initialise(model: PreTrainedModel, part: torch.nn.Module) -> None:
+    """The architecture's own initialisation of the modules of ``part``."""
+    for module in part.modules():
+        model._init_weights(module)
+
+
 def parameter_count(model: PreTrainedModel) -> int:
-    """Distinct parameters (tied embeddings counted once)."""
-    return sum(p.numel() for p in model.parameters())
+    """Distinct parameters (tied embeddings counted once), a quantized projection's weights and
+    bias among them."""
+    from kad.fast.quant import QuantizedLinear
+
+    quantized = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    return sum(p.numel() for p in model.parameters()) + sum(
+        m.in_features * m.out_features + (0 if m.packed.bias is None else m.out_features)
+        for m in quantized
+    )
 
 
 def random_aligner(
@@ -162,6 +216,7 @@ def random_aligner(
     dtype: torch.dtype,
     seed: int = 0,
     tensor_parallel: int | None = None,
+    quantize: dict[str, str] | None = None,
     **runtime: Any,
 ) -> Any:
     """A `kad.Aligner` over a random-weight preset pair (``"llama3-8b"`` or ``"base:proxy"``)
@@ -169,15 +224,24 @@ def random_aligner(
     shared one): the real models' shapes, bytes and speed behind a server, for load tests.
     ``runtime``: the Aligner's pool settings (max_rows, max_context, memory_fraction).
     ``tensor_parallel``: the base sharded over N ranks, as in `kad.Aligner.from_pretrained`
-    (every rank makes the same weights from ``seed``)."""
+    (every rank makes the same weights from ``seed``). ``quantize``: per role, as
+    `Aligner.from_pretrained`'s (made layer by layer, see `random_model`)."""
+    from kad.fast.quant import parse_quantize
     from kad.parallel.group import check_divides, check_size, launch
 
+    formats = parse_quantize(quantize)
+    if "proxy_base" in formats:
+        raise KadError("a random-weight pair has no proxy_base to quantize")
     base_name, proxy_name = parse_pair(spec)
     device = torch.device(device)
     n = check_size(tensor_parallel, device)
-    build = functools.partial(_random_rank, base_name, proxy_name, dtype=dtype, seed=seed)
+    build = functools.partial(
+        _random_rank, base_name, proxy_name, dtype=dtype, seed=seed, formats=formats
+    )
     if n == 1:
         return build(None, device=device, **runtime)
+    if formats:
+        raise KadError("tensor parallelism does not shard quantized models yet: drop quantize")
     check_divides(preset_config(base_name), n, base_name)
     return launch(n, device, functools.partial(build, **runtime))
 
@@ -189,6 +253,7 @@ def _random_rank(
     *,
     dtype: torch.dtype,
     seed: int,
+    formats: dict[str, str] | None = None,
     device: torch.device | None = None,
     **runtime: Any,
 ) -> Any:
@@ -200,14 +265,19 @@ def _random_rank(
     from kad.models import PromptRenderer
     from kad.world import BASE_TEMPLATE, builtin_paths
 
+    formats = formats or {}
     if tp is not None:
         device = tp.device
     assert device is not None
     base_device = torch.device("cpu") if tp is not None and device.type == "cuda" else device
     tokenizer = AutoTokenizer.from_pretrained(str(builtin_paths().proxy))
     torch.manual_seed(seed)
-    base = random_model(base_name, device=base_device, dtype=dtype)
-    proxy = random_model(proxy_name, device=device, dtype=dtype)
+    base = random_model(
+        base_name, device=base_device, dtype=dtype, quantize=formats.get("base", "none")
+    )
+    proxy = random_model(
+        proxy_name, device=device, dtype=dtype, quantize=formats.get("proxy", "none")
+    )
     return Aligner(
         Member(base, tokenizer, PromptRenderer(tokenizer, False, BASE_TEMPLATE)),
         Member(proxy, tokenizer, PromptRenderer(tokenizer, True, None)),

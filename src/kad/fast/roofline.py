@@ -6,8 +6,9 @@ a speculative round reads the base once for up to γ + 1 tokens and the proxy γ
 
     roofline tokens/s = tokens per step · peak bandwidth / bytes read per step
 
-Bytes read per forward: every parameter except an untied input embedding (a step looks up B of
-its rows, not the table), plus the KV cache of every row at the mean context length.
+Bytes read per forward: every weight except an untied input embedding (a step looks up B of
+its rows, not the table), quantized projections at their quantized bytes (codes, scales, zeros),
+plus the KV cache of every row at the mean context length.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 from transformers import PreTrainedModel
 
 from kad.fast.graphs import seconds
+from kad.fast.quant import weight_bytes
 from kad.speculative import expected_tokens
 
 
@@ -37,7 +39,7 @@ def model_bytes(model: PreTrainedModel) -> ModelBytes:
     """Weight bytes read per forward and KV bytes per token, from the model's own tensors."""
     embed = model.get_input_embeddings().weight
     head = model.get_output_embeddings().weight
-    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    total = weight_bytes(model)
     if embed is not head:  # untied: only B rows of the input table are read
         total -= embed.numel() * embed.element_size()
     config = model.config

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from kad import rules
 from kad.errors import KadError
+from kad.fast.quant import weight_bytes
 
 CPU_BUDGET = 2**30  # bytes of KV pool on a CPU when nobody says
 CPU_ROWS = 64
@@ -33,7 +34,7 @@ def kv_bytes_per_token(model: PreTrainedModel) -> int:
     kv_heads = getattr(text, "num_key_value_heads", None) or heads
     hidden = getattr(text, "hidden_size", None) or text.n_embd
     head_dim = getattr(text, "head_dim", None) or hidden // heads
-    size = next(model.parameters()).element_size()
+    size = model.get_input_embeddings().weight.element_size()  # the cache's dtype
     return int(layers) * 2 * int(kv_heads) * int(head_dim) * size
 
 
@@ -58,9 +59,11 @@ def plan_pool(
 ) -> PoolPlan:
     """Size the pool. Each model gets min(max_context, its own context) columns. Rows:
     ``max_rows``, or as many as the budget holds: on a GPU ``memory_fraction`` of the device
-    memory less what is already used (weights), on a CPU 1 GiB; at most 256 (GPU) or 64 (CPU).
-    ``device``: where the pools live (default: the first model's); ``kv_shards``: role -> the
-    ranks that split its KV heads (tensor parallelism: each rank holds 1/N of its cache)."""
+    memory less what is already used (weights), on a CPU 1 GiB, or ``memory_fraction`` of the
+    host memory less the models' weights (`weight_bytes`: quantized projections count their
+    quantized bytes); at most 256 (GPU) or 64 (CPU). ``device``: where the pools live
+    (default: the first model's); ``kv_shards``: role -> the ranks that split its KV heads
+    (tensor parallelism: each rank holds 1/N of its cache)."""
     if max_rows is not None and (
         isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
     ):
@@ -86,7 +89,8 @@ def plan_pool(
     else:
         budget, cap = CPU_BUDGET, CPU_ROWS
         if memory_fraction is not None:
-            budget = int(memory_fraction * _host_memory())
+            distinct = {id(m): m for m in models.values()}.values()  # one model in two roles
+            budget = int(memory_fraction * _host_memory()) - sum(map(weight_bytes, distinct))
     fit = budget // per_row if per_row else cap
     rows = max_rows if max_rows is not None else min(cap, fit)
     if rows < 1 or (device.type == "cuda" and rows > fit):

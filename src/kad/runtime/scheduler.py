@@ -35,6 +35,7 @@ from transformers.tokenization_utils_base import PreTrainedTokenizerBase
 from kad.errors import ContextLengthError
 from kad.fast.graphs import Graph, compiled_uniforms, restored
 from kad.fast.llama import unsupported_reason
+from kad.fast.quant import weight_bytes
 from kad.fast.runner import StaticRunner
 from kad.outputs import StepEvent
 from kad.rules import rule_row, spec_of
@@ -373,8 +374,7 @@ class Runtime:
 
 
 def _bytes(runner: Runner) -> float:
-    model = runner.model  # type: ignore[attr-defined]
-    return float(sum(p.numel() * p.element_size() for p in model.parameters()))
+    return float(weight_bytes(runner.model))  # type: ignore[attr-defined]
 
 
 class Session:

@@ -9,7 +9,14 @@ from typing import Annotated, Any
 import typer
 
 from kad.errors import KadError
-from kad.options import TensorParallelOpt, load_aligner, with_rule_options
+from kad.options import (
+    QuantizeBase,
+    QuantizeProxy,
+    TensorParallelOpt,
+    load_aligner,
+    quantize_of,
+    with_rule_options,
+)
 from kad.rules import RULE_NAMES, make_rule
 from kad.serve.app import MAX_BODY_BYTES, MAX_PROMPT_CHARS, create_app
 from kad.speculative import parse_speculative
@@ -104,6 +111,8 @@ def serve_command(
         typer.Option(help="Torch CPU threads (default on CPU: all cores but one, for HTTP)."),
     ] = None,
     tensor_parallel: TensorParallelOpt = None,
+    quantize_base: QuantizeBase = "none",
+    quantize_proxy: QuantizeProxy = "none",
 ) -> None:
     """Serve a KAD-aligned pair behind an OpenAI-compatible API (completions and chat)."""
     import uvicorn
@@ -122,6 +131,7 @@ def serve_command(
         ("--threads", threads),
     ):
         _at_least(name, value, 1)
+    quantize = quantize_of(quantize_base, quantize_proxy)
     if memory_fraction is not None and not 0 < memory_fraction <= 1:
         raise KadError(f"--memory-fraction must be in (0, 1], got {memory_fraction}")
     if chosen.needs_proxy_base and proxy_base is None and base is not None:
@@ -142,6 +152,7 @@ def serve_command(
             max_context=max_context,
             memory_fraction=memory_fraction,
             tensor_parallel=tensor_parallel,
+            quantize=quantize,
         )
         pair = f"random-weight {random_init}"
     else:
@@ -156,6 +167,7 @@ def serve_command(
             max_context=max_context,
             memory_fraction=memory_fraction,
             tensor_parallel=tensor_parallel,
+            quantize=quantize,
         )
         pair = (
             "the built-in pair"
