@@ -73,14 +73,16 @@ def decode(aligner, prompts: list[list[int]], gamma: int | None, n: int) -> tupl
 def part_b(preset: str) -> None:
     import torch
 
-    from kad.fast.presets import _random_rank, parse_pair, random_aligner
+    from kad.fast.presets import _random_rank, parse_pair
     from kad.parallel.group import launch
 
     device, dtype = torch.device("cuda"), torch.bfloat16
     prompts = [[(7 * i + 13 * j) % 1000 + 10 for j in range(128)] for i in range(4)]
     settings = {"max_rows": 8, "max_context": 512}
-    plain = random_aligner(preset, device=device, dtype=dtype, **settings)
     names = parse_pair(preset)
+    # The reference draws the weights the rank draws (the base on the CPU's generator).
+    plain = _random_rank(*names, None, dtype=dtype, seed=0, device=device,
+                         base_device=torch.device("cpu"), **settings)  # fmt: skip
     parallel = launch(1, device, functools.partial(_random_rank, *names, dtype=dtype, seed=0,
                                                    **settings))  # fmt: skip
     print(f"B. {preset}: the kad.parallel path with 1 rank vs the plain runtime")

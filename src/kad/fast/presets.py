@@ -255,10 +255,13 @@ def _random_rank(
     seed: int,
     formats: dict[str, str] | None = None,
     device: torch.device | None = None,
+    base_device: torch.device | None = None,
     **runtime: Any,
 ) -> Any:
-    """The aligner of `random_aligner` on ``device``, or on a tensor-parallel rank ``tp``
-    (the base made on the CPU when the ranks use GPUs: each rank moves its shard)."""
+    """The aligner of `random_aligner` on ``device``, or on a tensor-parallel rank ``tp``.
+    ``base_device``: where the base's random weights are drawn (default: the CPU for ranks on
+    GPUs, each rank moving its shard; else ``device``); a single process moves the base to
+    ``device`` (so a reference can draw the very weights the ranks draw)."""
     from transformers import AutoTokenizer
 
     from kad.aligner import Aligner, Member
@@ -269,7 +272,8 @@ def _random_rank(
     if tp is not None:
         device = tp.device
     assert device is not None
-    base_device = torch.device("cpu") if tp is not None and device.type == "cuda" else device
+    if base_device is None:
+        base_device = torch.device("cpu") if tp is not None and device.type == "cuda" else device
     tokenizer = AutoTokenizer.from_pretrained(str(builtin_paths().proxy))
     torch.manual_seed(seed)
     base = random_model(
@@ -278,6 +282,8 @@ def _random_rank(
     proxy = random_model(
         proxy_name, device=device, dtype=dtype, quantize=formats.get("proxy", "none")
     )
+    if tp is None:
+        base = base.to(device)
     return Aligner(
         Member(base, tokenizer, PromptRenderer(tokenizer, False, BASE_TEMPLATE)),
         Member(proxy, tokenizer, PromptRenderer(tokenizer, True, None)),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -185,6 +186,25 @@ def serve_command(
         max_body_bytes=max_body_bytes,
         max_prompt_chars=max_prompt_chars,
     )
+    capture_graphs(aligner.runtime, gamma)
     typer.echo(f"serving {model_name!r} ({pair}) at http://{host}:{port}/v1")
     uvicorn.run(app, host=host, port=port, log_level="info")
     aligner.close()
+
+
+def capture_graphs(runtime: Any, speculative: int | str | None) -> None:
+    """On a GPU, capture the rounds and prefills the server's default γ uses before the first
+    request (as vLLM does), so that no early request waits for a capture: plain rounds, and
+    the default γ (every γ when it is "auto"); a request's own other γ is captured on first
+    use."""
+    if not runtime.graphed:
+        return
+    gammas = {0}
+    if speculative == "auto":
+        gammas |= set(range(1, runtime.auto.gamma_max + 1))
+    elif speculative:
+        gammas.add(int(speculative))
+    typer.echo(f"capturing CUDA graphs for γ {sorted(gammas)} (once, at start-up)...")
+    started = time.perf_counter()
+    count = runtime.capture(sorted(gammas))
+    typer.echo(f"captured {count} graphs in {time.perf_counter() - started:.0f} s")
