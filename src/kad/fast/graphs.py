@@ -94,8 +94,8 @@ def mark_step_dynamic(
     rope: Iterable[torch.Tensor],
     mask: torch.Tensor,
 ) -> None:
-    """Mark the batch and token dimensions of a step's inputs dynamic (the rest, the pool's
-    caches included, stays static)."""
+    """Mark the batch, token and attention-width dimensions of a step's inputs dynamic (the
+    rest, the pool's caches included, stays static): one compiled layer serves every graph."""
     mark = torch._dynamo.maybe_mark_dynamic
     mark(x, 0)
     mark(x, 1)
@@ -106,6 +106,7 @@ def mark_step_dynamic(
         mark(table, 2)
     mark(mask, 0)
     mark(mask, 3)
+    mark(mask, 4)
 
 
 def static_shapes():

@@ -13,8 +13,8 @@ run the compiled layer (and are captured in the round's graph on a GPU). On a CP
 runs eagerly and attends only over the columns in use.
 
 **Prefill on a GPU** runs as CUDA graphs of the plain layer too, one per (rows, tokens, width)
-bucket (`PREFILL_ROWS` × `PREFILL_TOKENS` within `PREFILL_AREA` padded tokens, widths a power
-of 4 below the context): an eager forward launches hundreds of kernels per model, tens of
+bucket (`PREFILL_ROWS` × `PREFILL_TOKENS` within `PREFILL_AREA` padded tokens, `width_buckets`
+of the context): an eager forward launches hundreds of kernels per model, tens of
 milliseconds of Python each time a request joins. A graph reads its slots from a buffer, so the
 rows need not be consecutive; padding rows point at one scratch slot past the pool (index R),
 which no sequence uses. Chunks too long for a bucket run eagerly (they are compute-bound).
@@ -37,7 +37,7 @@ from kad.runtime.runner import log_probs, prefill_in_runs
 PREFILL_ROWS = (1, 2, 3, 4, 6, 8)
 PREFILL_TOKENS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_AREA = 512  # padded tokens (rows × tokens) of one graphed prefill
-PREFILL_MIN_WIDTH = 256
+MIN_WIDTH = 256  # the narrowest width bucket of a graph
 
 
 class StaticRunner:
@@ -148,7 +148,7 @@ class StaticRunner:
         for group in _groups(small):
             rows = _fit(len(group), PREFILL_ROWS)
             n = _fit(len(small[group[0]]), PREFILL_TOKENS)
-            step = program(rows, n, self._prefill_width(max(cached[s] for s in group) + n))
+            step = program(rows, n, fit_width(self.context, max(cached[s] for s in group) + n))
             slots, tokens, counts = step.inputs
             host = torch.zeros(3, rows, n, dtype=torch.long)  # slots, counts, tokens
             host[0].fill_(self.rows)
@@ -177,17 +177,6 @@ class StaticRunner:
 
         return Program(run, (slots, tokens, counts))
 
-    def _prefill_widths(self) -> list[int]:
-        """Width buckets of graphed prefills: the context and its power-of-4 fractions down to
-        `PREFILL_MIN_WIDTH`, smallest first."""
-        widths = [self.context]
-        while widths[-1] // 4 >= PREFILL_MIN_WIDTH:
-            widths.append(widths[-1] // 4)
-        return widths[::-1]
-
-    def _prefill_width(self, need: int) -> int:
-        return next((w for w in self._prefill_widths() if w >= need), self.context)
-
     def _prefill_graph(self, rows: int, n: int, width: int) -> Graph:
         """`prefill_program` captured (once per bucket)."""
         key = (rows, n, width)
@@ -203,8 +192,8 @@ class StaticRunner:
         if self.graphable:
             for rows in PREFILL_ROWS:
                 for n in PREFILL_TOKENS:
-                    for width in self._prefill_widths():
-                        if rows * n <= PREFILL_AREA and self._prefill_width(n) <= width:
+                    for width in width_buckets(self.context):
+                        if rows * n <= PREFILL_AREA and fit_width(self.context, n) <= width:
                             self._prefill_graph(rows, n, width)
         return len(self._prefills)
 
@@ -245,6 +234,20 @@ class Program(NamedTuple):
 
     def replay(self) -> None:
         self.run()
+
+
+def width_buckets(context: int) -> list[int]:
+    """The attention widths graphs are captured for: the context and its power-of-4 fractions
+    down to `MIN_WIDTH`, smallest first (a graph attends over its bucket's columns only)."""
+    widths = [context]
+    while widths[-1] // 4 >= MIN_WIDTH:
+        widths.append(widths[-1] // 4)
+    return widths[::-1]
+
+
+def fit_width(context: int, need: int) -> int:
+    """The narrowest width bucket that holds ``need`` columns (the context at most)."""
+    return next((w for w in width_buckets(context) if w >= need), context)
 
 
 def _fit(value: int, buckets: tuple[int, ...]) -> int:

@@ -17,7 +17,7 @@ Uniforms are `counter_uniform(seed, step, stream)`: ``step`` is the row's count 
 tokens at the round's start, the stream 3j for draft j, 3j + 1 for its test, 3γ + 2 for the
 next token. A row's draws therefore depend only on its own seed and progress, never on its batch
 or on when it joined. The round reads nothing on the host: on a GPU it is captured once per
-(batch bucket, γ, models) and replayed; its results come back in one tensor.
+(batch bucket, γ, models, attention width) and replayed; its results come back in one tensor.
 
 Tensor parallelism (`kad.parallel`): every rank runs the same round. A base runner with an
 ``agree`` method (the sharded one) makes every rank take rank 0's drafts (before the base reads
@@ -104,8 +104,8 @@ def decode_round(
         main = torch.cuda.current_stream(dev)
         beside.wait_stream(main)
         with torch.cuda.stream(beside):
-            q_last = proxy.forward(0, current.unsqueeze(-1))[:, 0].exp()
-        p = base.forward(0, verify_inputs("base")).exp()
+            q_last = proxy.forward(0, current.unsqueeze(-1), width=width)[:, 0].exp()
+        p = base.forward(0, verify_inputs("base"), width=width).exp()
         main.wait_stream(beside)
         q_last.record_stream(main)
         q_steps.append(q_last)

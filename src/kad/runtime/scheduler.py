@@ -36,7 +36,7 @@ from kad.errors import ContextLengthError
 from kad.fast.graphs import Graph, compiled_uniforms, restored
 from kad.fast.llama import unsupported_reason
 from kad.fast.quant import weight_bytes
-from kad.fast.runner import StaticRunner
+from kad.fast.runner import StaticRunner, fit_width, width_buckets
 from kad.outputs import StepEvent
 from kad.rules import rule_row, spec_of
 from kad.runtime.pool import PoolPlan, SlotTable, plan_pool
@@ -111,7 +111,7 @@ class Runtime:
         self.auto = AutoGamma()
         self._weight_bytes = (_bytes(self.runners["proxy"]), _bytes(self.runners["base"]))
         self.graphed = all(r.graphable for r in self.runners.values())
-        self.graphs: dict[tuple[int, int, bool], Graph] = {}
+        self.graphs: dict[tuple[int, int, bool, int], Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphed else None  # all graphs'
         for runner in self.runners.values():
             if isinstance(runner, StaticRunner):
@@ -270,17 +270,20 @@ class Runtime:
         used = self.used
         uses_qb = any(s.request.rule.needs_proxy_base for s in running)
         runners = {r: x for r, x in self.runners.items() if r != "proxy_base" or uses_qb}
+        # The columns attention reads: every occupied row's, prefilling ones too (a position
+        # past the width is clamped to its last column, which must not hold a cached token).
+        occupied = [s for s in self.slots if s is not None]
+        width = max(max(s.cached.values()) for s in occupied) + gamma + 1
         if self.graphed:
             batch = bucket(used, self.rows)
-            packed = self._graph(batch, gamma, runners).replay()
+            width = fit_width(self.context, width)
+            packed = self._graph(batch, gamma, runners, width).replay()
         else:
             batch = used
             rows = [s.slot for s in running]
             live = {role: rows for role in runners}
             if uses_qb:
                 live["proxy_base"] = [s.slot for s in running if s.request.rule.needs_proxy_base]
-            occupied = [s for s in self.slots if s is not None]  # prefilling rows too: their
-            width = max(max(s.cached.values()) for s in occupied) + gamma + 1  # columns stay
             packed = decode_round(
                 runners,
                 self.table,
@@ -328,19 +331,32 @@ class Runtime:
         runners = {r: x for r, x in self.runners.items() if r != "proxy_base"}
         for gamma in gammas:
             for batch in sorted({bucket(b, self.rows) for b in range(1, self.rows + 1)}):
-                self._graph(batch, gamma, runners)
+                for width in width_buckets(self.context):
+                    self._graph(batch, gamma, runners, width)
         return len(self.graphs) + prefills
 
-    def _graph(self, batch: int, gamma: int, runners: dict[str, Runner]) -> Graph:
-        """The captured round for this bucket, γ and set of models (captured on first use)."""
-        key = (batch, gamma, "proxy_base" in runners)
+    @property
+    def context(self) -> int:
+        """The widest model's columns (graphs' widths are buckets of it)."""
+        return max(self.plan.contexts.values())
+
+    def _graph(self, batch: int, gamma: int, runners: dict[str, Runner], width: int) -> Graph:
+        """The captured round for this batch bucket, γ, set of models and attention width
+        (captured on first use)."""
+        key = (batch, gamma, "proxy_base" in runners, width)
         if key not in self.graphs:
             uniforms = compiled_uniforms()
             state = [r.lengths for r in runners.values()] + self.table.tensors()
 
             def run() -> torch.Tensor:
                 return decode_round(
-                    runners, self.table, batch, gamma, beside=self._beside, uniforms=uniforms
+                    runners,
+                    self.table,
+                    batch,
+                    gamma,
+                    width=width,
+                    beside=self._beside,
+                    uniforms=uniforms,
                 )
 
             def warmup() -> None:
