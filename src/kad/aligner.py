@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import random
@@ -286,7 +287,9 @@ class Aligner:
         if self.parallel is not None and self.parallel.driver:
             from kad.parallel.runtime import STOP
 
-            self.parallel.broadcast(STOP)
+            # a follower may be gone already (a SIGTERM to the whole group): leave anyway
+            with contextlib.suppress(RuntimeError):
+                self.parallel.broadcast(STOP)
             self.parallel.close()
             self.parallel = None
 

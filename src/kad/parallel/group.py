@@ -12,6 +12,7 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
+import signal
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -188,7 +189,10 @@ def launch(n: int, device: torch.device, build: Callable[[TensorParallel], Any])
 def _follow(
     rank: int, n: int, device: torch.device, init: str, build: Callable[[TensorParallel], Any]
 ) -> None:
-    """A spawned follower rank: build, follow the driver until it stops, leave."""
+    """A spawned follower rank: build, follow the driver until it stops, leave. It ignores
+    SIGINT: a terminal's Ctrl-C reaches the whole process group, and the driver, shutting down
+    on it, stops its followers itself (were a follower gone first, the driver's stop fails)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     tp = join(n, device, rank, init)
     with torch.inference_mode():

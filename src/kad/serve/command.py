@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -188,6 +190,10 @@ def serve_command(
     )
     capture_graphs(aligner.runtime, gamma)
     typer.echo(f"serving {model_name!r} ({pair}) at http://{host}:{port}/v1")
+    if aligner.parallel is not None:
+        # uvicorn shuts down on SIGTERM, then raises it again: exit through Python then, so
+        # that `Aligner.close` (at exit) stops the follower ranks rather than orphaning them
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     uvicorn.run(app, host=host, port=port, log_level="info")
     aligner.close()
 
