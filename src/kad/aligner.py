@@ -166,7 +166,9 @@ class Aligner:
             if fast is False:
                 raise KadError("tensor parallelism runs on the fast path: drop fast=False")
             if formats:
-                raise KadError("tensor parallelism does not shard quantized models yet: drop quantize")
+                raise KadError(
+                    "tensor parallelism does not shard quantized models yet: drop quantize"
+                )
             check_model_divides(base, n)
             build = functools.partial(
                 _parallel_rank,

@@ -21,7 +21,15 @@ import torch.distributed as dist
 
 from kad.bench.loading import load_pair, random_prompts, runtime_for
 from kad.bench.measure import GAMMA_MAX, time_runtime
-from kad.bench.run import DUAL, DUAL_LABEL, BenchConfig, Rows, _free, _meta
+from kad.bench.run import (
+    DUAL,
+    DUAL_LABEL,
+    BenchConfig,
+    Rows,
+    _free,
+    _meta,
+    add_speculative_rows,
+)
 from kad.fast.graphs import seconds
 from kad.fast.roofline import (
     ModelBytes,
@@ -29,7 +37,6 @@ from kad.fast.roofline import (
     mean_context,
     model_bytes,
     plain_roofline,
-    speculative_roofline,
 )
 from kad.models import resolve_device, resolve_dtype
 from kad.parallel.group import TensorParallel, check_divides, check_size, launch
@@ -115,21 +122,10 @@ class ParallelBench:
             run = time_runtime(runtime, prompts, DUAL, None, c.new_tokens, c.repeats)
             plain = plain_roofline(bandwidth, [base, proxy], batch, context)
             table.add(DUAL_LABEL, run.seconds, run.tokens, plain, tokens_per_round=1.0)
-            for gamma in [*c.gammas, "auto"]:
-                step(f"B={batch}: speculative KAD γ={gamma}")
-                run = time_runtime(runtime, prompts, DUAL, gamma, c.new_tokens, c.repeats)
-                mean_gamma = round(run.gamma_mean or 1.0)
-                roof = speculative_roofline(
-                    bandwidth, base, proxy, batch, context, mean_gamma, run.tokens_per_round
-                )
-                table.add(
-                    f"spec KAD γ={gamma}",
-                    run.seconds,
-                    run.tokens,
-                    roof,
-                    acceptance=run.acceptance,
-                    tokens_per_round=run.tokens_per_round,
-                )
+            roofline = (bandwidth, base, proxy, batch, context)
+            add_speculative_rows(
+                table, runtime, prompts, c.gammas, c.new_tokens, c.repeats, roofline, step
+            )
             runtime.stop()
             batches.append(
                 {
@@ -187,7 +183,7 @@ def parallel_bench(config: BenchConfig, n: int, step) -> dict[str, Any]:
 
 def render_parallel(results: dict[str, Any], console: Any) -> None:
     """The tensor-parallel results as rich tables."""
-    from kad.bench.render import _fmt, _table
+    from kad.bench.render import tokens_table
 
     par, meta = results["parallel"], results["meta"]
     gb = 1e9
@@ -200,20 +196,7 @@ def render_parallel(results: dict[str, Any], console: Any) -> None:
         f"{meta['bandwidth_bytes_per_s'] / gb:,.0f} GB/s"
     )
     for batch in results["batches"]:
-        rows = (
-            (
-                r["path"],
-                _fmt(r["tokens_per_s"]),
-                _fmt(r["roofline_tokens_per_s"]),
-                _fmt(r["roofline_pct"]),
-                _fmt(r.get("tokens_per_round"), 2),
-                _fmt(r.get("acceptance"), 2),
-            )
-            for r in batch["rows"]
-        )
-        columns = ("path", "tokens/s", f"roofline ×{par['tensor_parallel']}", "% roofline",
-                   "tokens/round", "acceptance")  # fmt: skip
-        console.print(_table(f"batch {batch['batch']}: decode tokens/s (median)", columns, rows))
+        console.print(tokens_table(batch, f"roofline ×{par['tensor_parallel']}"))
         reduce = ", ".join(
             f"n={n}: {s * 1e3:.3f} ms" for n, s in batch["allreduce_s_per_forward"].items()
         )

@@ -78,9 +78,9 @@ def render(results: dict[str, Any], console: Console) -> None:
         console.print(_table("targets", ("target", "measured", "goal", "met"), rows))
 
 
-def render_batch(batch: dict[str, Any], dtype: str, console: Console) -> None:
-    """One batch size: tokens/s, the split of a round, the acceptance curve, the profile."""
-    b = batch["batch"]
+def tokens_table(batch: dict[str, Any], roofline: str) -> Table:
+    """A batch size's rows: tokens/s beside the roofline (column ``roofline``), tokens a round
+    and acceptance."""
     rows = (
         (
             r["path"],
@@ -92,8 +92,14 @@ def render_batch(batch: dict[str, Any], dtype: str, console: Console) -> None:
         )
         for r in batch["rows"]
     )
-    columns = ("path", "tokens/s", "roofline", "% roofline", "tokens/round", "acceptance")
-    console.print(_table(f"batch {b}: decode tokens/s (median)", columns, rows))
+    columns = ("path", "tokens/s", roofline, "% roofline", "tokens/round", "acceptance")
+    return _table(f"batch {batch['batch']}: decode tokens/s (median)", columns, rows)
+
+
+def render_batch(batch: dict[str, Any], dtype: str, console: Console) -> None:
+    """One batch size: tokens/s, the split of a round, the acceptance curve, the profile."""
+    b = batch["batch"]
+    console.print(tokens_table(batch, "roofline"))
     split = batch["split"]
     rows = (
         (

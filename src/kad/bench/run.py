@@ -17,7 +17,7 @@ import datetime
 import gc
 import platform
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +47,7 @@ from kad.bench.peers import hf_generate
 from kad.fast.graphs import compiled_uniforms, restored
 from kad.fast.presets import parameter_count
 from kad.fast.roofline import (
+    ModelBytes,
     copy_bandwidth,
     mean_context,
     model_bytes,
@@ -138,6 +139,36 @@ def peers(
     return ids, assisted
 
 
+def add_speculative_rows(
+    table: Rows,
+    runtime: Runtime,
+    prompts: list[list[int]],
+    gammas: Sequence[int],
+    new_tokens: int,
+    repeats: int,
+    roofline: tuple[float, ModelBytes, ModelBytes, int, float],
+    step: Callable[[str], None],
+) -> dict[int, DecodeRun]:
+    """Speculative KAD (dual, greedy) at each γ of ``gammas`` and at "auto", a row each, beside
+    `speculative_roofline` (``roofline``: bandwidth, base and proxy bytes, batch, context) at
+    the run's mean γ; returns the fixed-γ runs."""
+    runs: dict[int, DecodeRun] = {}
+    for gamma in [*gammas, "auto"]:
+        step(f"B={roofline[3]}: speculative KAD γ={gamma}")
+        run = time_runtime(runtime, prompts, DUAL, gamma, new_tokens, repeats)
+        table.add(
+            f"spec KAD γ={gamma}",
+            run.seconds,
+            run.tokens,
+            speculative_roofline(*roofline, round(run.gamma_mean or 1.0), run.tokens_per_round),
+            acceptance=run.acceptance,
+            tokens_per_round=run.tokens_per_round,
+        )
+        if isinstance(gamma, int):
+            runs[gamma] = run
+    return runs
+
+
 def bench_batch(
     pair: Pair, batch: int, config: BenchConfig, bandwidth: float, step: Callable[[str], None]
 ) -> dict[str, Any]:
@@ -197,24 +228,10 @@ def bench_batch(
             slow_ids, plain_runs[DUAL_LABEL].ids
         )
 
-    spec_runs: dict[int, DecodeRun] = {}
-    for gamma in [*config.gammas, "auto"]:
-        step(f"B={batch}: speculative KAD γ={gamma}")
-        run = timed(DUAL, gamma)
-        mean_gamma = round(run.gamma_mean or 1.0)
-        roof = speculative_roofline(
-            bandwidth, base_bytes, proxy_bytes, batch, context, mean_gamma, run.tokens_per_round
-        )
-        table.add(
-            f"spec KAD γ={gamma}",
-            run.seconds,
-            run.tokens,
-            roof,
-            acceptance=run.acceptance,
-            tokens_per_round=run.tokens_per_round,
-        )
-        if isinstance(gamma, int):
-            spec_runs[gamma] = run
+    roofline = (bandwidth, base_bytes, proxy_bytes, batch, context)
+    spec_runs = add_speculative_rows(
+        table, runtime, prompts, config.gammas, n, config.repeats, roofline, step
+    )
     if batch == 1:
         for gamma in config.assisted_gammas:
             step(f"B={batch}: speculative rule=base γ={gamma}")

@@ -167,9 +167,7 @@ class EvalPlan:
 
     def run_for(self, rule: Rule) -> dict[str, Any]:
         """The method record of ``rule``'s folder."""
-        return run_record(
-            *self.paths, rule, self.decoding, self.shots, self.models.get("quantize")
-        )
+        return run_record(*self.paths, rule, self.decoding, self.shots, self.models.get("quantize"))
 
 
 def run_plan(plan: EvalPlan) -> None:
