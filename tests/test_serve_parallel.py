@@ -173,3 +173,24 @@ def test_sigterm_to_the_group_stops_the_server_and_its_follower_rank(tiny_dirs, 
     with tp_server(tiny_dirs, tmp_path / "serve.log") as server:
         assert complete(server.url, 0.4, 4)["usage"]["completion_tokens"] == 4
         assert stop(server, signal.SIGTERM, group=True) == 128 + signal.SIGTERM
+
+
+def test_a_dead_follower_rank_shuts_the_server_down_with_a_clear_message(tiny_dirs, tmp_path):
+    """A rank that dies leaves the ranks out of step: the request in flight fails (500), and
+    the server says why and exits (for a supervisor to restart it) rather than answering every
+    later request with an error."""
+    with tp_server(tiny_dirs, tmp_path / "serve.log") as server:
+        assert complete(server.url, 0.4, 4)["usage"]["completion_tokens"] == 4
+        os.kill(server.follower, signal.SIGKILL)
+        body = {"model": "kad", "prompt": PROMPT, "max_tokens": 8, "temperature": 0}
+        try:
+            response = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60)
+            assert response.status_code == 500, response.text
+        except httpx.HTTPError:
+            pass  # the server may already be going down
+        try:
+            code = server.process.wait(timeout=EXIT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail("the server outlived its rank:\n" + server.log.read_text()[-3000:])
+        assert code != 0
+        assert "the ranks are out of step; shutting down" in server.log.read_text()

@@ -18,7 +18,9 @@ import asyncio
 import contextlib
 import itertools
 import logging
+import os
 import queue
+import signal
 import threading
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
@@ -206,6 +208,9 @@ class Worker:
                     for job in list(self._open):
                         self._drop(job)
                         job.emit(JobFailed(error))
+                    if getattr(self.aligner, "parallel", None) is not None:
+                        self._give_up(error)
+                        return
                     continue
                 self.peak_rows = max(self.peak_rows, runtime.used)
                 for loop, items in outbox.items():  # one wake-up of each event loop a round
@@ -214,6 +219,16 @@ class Worker:
         for job in list(self._open):
             self._drop(job)
             job.emit(JobFailed(KadError("the server is shutting down")))
+
+    def _give_up(self, error: BaseException) -> None:
+        """Under tensor parallelism a failed step leaves the ranks out of step (a rank died,
+        a collective broke): serving on is impossible, so the server shuts down (SIGTERM to
+        itself: uvicorn's graceful exit) for a supervisor to restart it."""
+        logger.critical(
+            "a tensor-parallel step failed (%s): the ranks are out of step; shutting down",
+            error,
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
 
     def _take_inbox(self, block: bool) -> None:
         """Queue submitted jobs and apply cancellations; wait for work only when idle."""
