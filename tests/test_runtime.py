@@ -201,3 +201,32 @@ def test_bucketed_prefill_and_a_prefill_delay_keep_every_row_the_same(tiny_dirs,
         assert joined == [alone[1]] and late == [alone[2], alone[0]], f"γ={gamma}"
     assert any(len(slots) == 3 for slots in calls)  # three joiners cached in one prefill
     assert aligner.runtime.idle
+
+
+def test_capture_takes_every_batch_bucket_width_and_prefill_bucket(tiny_dirs, monkeypatch):
+    """What `Runtime.capture` captures on a GPU (the capture itself stubbed out here): every
+    round of each batch bucket × γ × width bucket of the context, and each runner's prefill
+    buckets, with progress after each."""
+    from kad.fast.runner import StaticRunner, fit_width, width_buckets
+    from kad.runtime.scheduler import bucket
+
+    aligner = kad.Aligner.from_pretrained(
+        tiny_dirs.base, tiny_dirs.proxy, max_rows=5, max_context=1024
+    )
+    runtime = aligner.runtime
+    rounds, prefills, progress = [], [], []
+    monkeypatch.setattr(runtime, "graphed", True)
+    monkeypatch.setattr(
+        runtime, "_graph", lambda batch, gamma, runners, width: rounds.append((batch, gamma, width))
+    )
+    monkeypatch.setattr(StaticRunner, "prefill_buckets", lambda self: [(1, 16, 256), (2, 32, 1024)])
+    monkeypatch.setattr(StaticRunner, "prefill_graph", lambda self, *key: prefills.append(key))
+    runtime.capture([0, 3], lambda done, total: progress.append((done, total)))
+    widths = width_buckets(runtime.context)
+    assert (width_buckets(4096), width_buckets(512)) == ([256, 1024, 4096], [512])
+    assert (fit_width(4096, 300), fit_width(4096, 256), fit_width(4096, 5000)) == (1024, 256, 4096)
+    batches = sorted({bucket(b, 5) for b in range(1, 6)})
+    assert sorted(rounds) == sorted((b, g, w) for b in batches for g in (0, 3) for w in widths)
+    assert len(prefills) == 2 * len(runtime.runners)
+    total = len(rounds) + len(prefills)
+    assert progress == [(i, total) for i in range(1, total + 1)]

@@ -132,7 +132,7 @@ class StaticRunner:
         """See `Runner.prefill`: graphed on a GPU where the chunks fit a bucket (module doc)."""
         if not self.graphable:
             return prefill_in_runs(self, chunks, cached)
-        self.bucketed_prefill(chunks, cached, self._prefill_graph)
+        self.bucketed_prefill(chunks, cached, self.prefill_graph)
 
     def bucketed_prefill(
         self,
@@ -177,7 +177,7 @@ class StaticRunner:
 
         return Program(run, (slots, tokens, counts))
 
-    def _prefill_graph(self, rows: int, n: int, width: int) -> Graph:
+    def prefill_graph(self, rows: int, n: int, width: int) -> Graph:
         """`prefill_program` captured (once per bucket)."""
         key = (rows, n, width)
         if key not in self._prefills:
@@ -187,15 +187,17 @@ class StaticRunner:
             )
         return self._prefills[key]
 
-    def capture_prefill(self) -> int:
-        """Capture every prefill bucket now (at start-up); returns how many exist."""
-        if self.graphable:
-            for rows in PREFILL_ROWS:
-                for n in PREFILL_TOKENS:
-                    for width in width_buckets(self.context):
-                        if rows * n <= PREFILL_AREA and fit_width(self.context, n) <= width:
-                            self._prefill_graph(rows, n, width)
-        return len(self._prefills)
+    def prefill_buckets(self) -> list[tuple[int, int, int]]:
+        """Every (rows, tokens, width) bucket a graphed prefill may take (none off the GPU)."""
+        if not self.graphable:
+            return []
+        return [
+            (rows, n, width)
+            for rows in PREFILL_ROWS
+            for n in PREFILL_TOKENS
+            for width in width_buckets(self.context)
+            if rows * n <= PREFILL_AREA and fit_width(self.context, n) <= width
+        ]
 
     def advance(self, start, counts):
         self.lengths[start : start + counts.shape[0]] += counts

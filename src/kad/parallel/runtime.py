@@ -163,12 +163,12 @@ class ParallelRuntime(Runtime):
         self._ops = []
         return super().step()
 
-    def capture(self, gammas: Seq[int] = (0,)) -> int:
+    def capture(self, gammas: Seq[int] = (0,), progress=None) -> int:
         """`Runtime.capture` on every rank together (the warm-ups run collectives)."""
         self._ops.append(("capture", tuple(gammas)))
         self.tp.broadcast(self._ops)
         self._ops = []
-        return super().capture(gammas)
+        return super().capture(gammas, progress)
 
     def stop(self) -> None:
         """The driver is done: the followers' `follow` returns."""

@@ -23,7 +23,9 @@ or with the same fixed γ).
 
 from __future__ import annotations
 
+import functools
 from collections import deque
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import replace
 from typing import Any
@@ -321,19 +323,33 @@ class Runtime:
         self.auto.update(sum(accepted) / judged, *costs)
 
     @torch.inference_mode()
-    def capture(self, gammas: Seq[int] = (0,)) -> int:
-        """Capture the rounds of every batch bucket for these draft lengths, and every prefill
-        bucket, now (at start-up) rather than on first use; returns how many graphs exist. A
-        no-op off the GPU path."""
+    def capture(
+        self, gammas: Seq[int] = (0,), progress: Callable[[int, int], None] | None = None
+    ) -> int:
+        """Capture the rounds of every batch bucket and width for these draft lengths, and every
+        prefill bucket, now (at start-up) rather than on first use; returns how many graphs
+        exist. ``progress(done, total)`` is called after each. A no-op off the GPU path."""
         if not self.graphed:
             return 0
-        prefills = sum(r.capture_prefill() for r in self.runners.values())  # type: ignore[attr-defined]
         runners = {r: x for r, x in self.runners.items() if r != "proxy_base"}
-        for gamma in gammas:
-            for batch in sorted({bucket(b, self.rows) for b in range(1, self.rows + 1)}):
-                for width in width_buckets(self.context):
-                    self._graph(batch, gamma, runners, width)
-        return len(self.graphs) + prefills
+        batches = sorted({bucket(b, self.rows) for b in range(1, self.rows + 1)})
+        widths = width_buckets(self.context)
+        prefills: list[Callable[[], object]] = [
+            functools.partial(runner.prefill_graph, *key)  # type: ignore[attr-defined]
+            for runner in self.runners.values()
+            for key in runner.prefill_buckets()  # type: ignore[attr-defined]
+        ]
+        captures = prefills + [
+            functools.partial(self._graph, batch, gamma, runners, width)
+            for gamma in gammas
+            for batch in batches
+            for width in widths
+        ]
+        for done, capture in enumerate(captures, 1):
+            capture()
+            if progress is not None:
+                progress(done, len(captures))
+        return len(self.graphs) + len(prefills)
 
     @property
     def context(self) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kad.errors import KadError
 from kad.options import (
@@ -210,7 +211,16 @@ def capture_graphs(runtime: Any, speculative: int | str | None) -> None:
         gammas |= set(range(1, runtime.auto.gamma_max + 1))
     elif speculative:
         gammas.add(int(speculative))
-    typer.echo(f"capturing CUDA graphs for γ {sorted(gammas)} (once, at start-up)...")
     started = time.perf_counter()
-    count = runtime.capture(sorted(gammas))
-    typer.echo(f"captured {count} graphs in {time.perf_counter() - started:.0f} s")
+    with Progress(
+        TextColumn(f"capturing CUDA graphs (γ {sorted(gammas)}, once)"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        transient=True,
+    ) as bar:
+        task = bar.add_task("capture", total=None)
+        count = runtime.capture(
+            sorted(gammas), lambda done, total: bar.update(task, completed=done, total=total)
+        )
+    typer.echo(f"captured {count} CUDA graphs in {time.perf_counter() - started:.0f} s")
