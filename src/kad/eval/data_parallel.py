@@ -156,7 +156,8 @@ def joined_ranks(device: str | None) -> Iterator[Ranks]:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for the ranks' rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -191,7 +192,7 @@ def spawn(world: int, target: Callable[[T], None], arg: T) -> None:
     try:
         mp.start_processes(
             _rank_main,
-            args=(world, _free_port(), target, arg),
+            args=(world, free_port(), target, arg),
             nprocs=world,
             join=True,
             start_method="spawn",
