@@ -198,15 +198,11 @@ def test_bad_numbers_of_ranks_fail_before_weights_load(
     assert message in result.output and len(result.output.strip().splitlines()) == 1
 
 
-def test_torchrun_ranks_and_tensor_parallelism_are_checked(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
+def test_torchrun_ranks_are_checked(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert check_data_parallel(None, "cpu") == 2
     with pytest.raises(KadError, match="leave --data-parallel out under torchrun"):
         check_data_parallel(3, "cpu")
-    with pytest.raises(KadError, match="--data-parallel or --tensor-parallel, not both"):
-        check_data_parallel(None, "cpu", tensor_parallel=2)
 
 
 def test_nvlink_multicast_stays_off_unless_set(monkeypatch: pytest.MonkeyPatch) -> None:

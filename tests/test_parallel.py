@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import kad
+import kad.aligner
 from kad.errors import KadError
 from kad.parallel.group import check_size, free_port
 from kad.rules import RULES as REGISTRY

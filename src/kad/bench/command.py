@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -55,7 +56,7 @@ def bench_with_progress(config: BenchConfig, out: Path | None) -> dict[str, Any]
         return run_bench(config, step, write)
 
 
-def _print_step():
+def _print_step() -> Callable[[str], None]:
     """One line per step on stderr, with the seconds since the start."""
     start = time.perf_counter()
     return lambda label: print(

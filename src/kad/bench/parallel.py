@@ -13,6 +13,7 @@ apart, since they are latency, not bytes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,7 @@ from kad.bench.run import (
     _meta,
     add_speculative_rows,
 )
+from kad.errors import KadError
 from kad.fast.graphs import seconds
 from kad.fast.roofline import (
     ModelBytes,
@@ -104,7 +106,7 @@ class ParallelBench:
             self._runtime(batch).follow()
             _free(self.tp.device)
 
-    def run(self, step) -> dict[str, Any]:
+    def run(self, step: Callable[[str], None]) -> dict[str, Any]:
         """The driver: every measurement; ``step`` is told what runs next."""
         c, tp, pair = self.config, self.tp, self.pair
         step(f"all-reduce timing over {tp.world} ranks")
@@ -162,10 +164,12 @@ def _bench_rank(config: BenchConfig, tp: TensorParallel) -> ParallelBench:
     return ParallelBench(config, tp)
 
 
-def parallel_bench(config: BenchConfig, n: int, step) -> dict[str, Any]:
+def parallel_bench(config: BenchConfig, n: int, step: Callable[[str], None]) -> dict[str, Any]:
     """Start the ranks (`launch`) and run the bench; rank 0 returns the results."""
     device = resolve_device(config.device)
     check_size(n, device)
+    if config.quantize:
+        raise KadError("tensor parallelism does not shard quantized models yet: drop --quantize-*")
     if config.random_init is not None:
         from kad.fast.presets import parse_pair, preset_config
 

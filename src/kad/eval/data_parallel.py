@@ -85,11 +85,11 @@ def launched_world() -> int | None:
     return int(world) if world else None
 
 
-def check_data_parallel(requested: int | None, device: str | None, tensor_parallel: int = 1) -> int:
+def check_data_parallel(requested: int | None, device: str | None) -> int:
     """The number of ranks a run takes: ``requested`` (``--data-parallel``), else the
     launcher's, else 1. A `KadError`, raised before any weights load, for fewer than 1 rank,
     more ranks than GPUs on CUDA, a ``--data-parallel`` other than torchrun's number of ranks,
-    one GPU index for several ranks, or tensor parallelism too (``tensor_parallel`` > 1)."""
+    or one GPU index for several ranks."""
     launched = launched_world()
     if requested is not None and requested < 1:
         raise KadError(f"--data-parallel takes a number of ranks >= 1, got {requested}")
@@ -99,11 +99,6 @@ def check_data_parallel(requested: int | None, device: str | None, tensor_parall
             "leave --data-parallel out under torchrun"
         )
     world = requested or launched or 1
-    if world > 1 and tensor_parallel > 1:
-        raise KadError(
-            "data-parallel evaluation of tensor-parallel models is not supported yet: "
-            "give --data-parallel or --tensor-parallel, not both"
-        )
     if world == 1:
         return world
     import torch
@@ -161,7 +156,8 @@ def joined_ranks(device: str | None) -> Iterator[Ranks]:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port of 127.0.0.1 free now (for the ranks' rendezvous)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
@@ -196,7 +192,7 @@ def spawn(world: int, target: Callable[[T], None], arg: T) -> None:
     try:
         mp.start_processes(
             _rank_main,
-            args=(world, _free_port(), target, arg),
+            args=(world, free_port(), target, arg),
             nprocs=world,
             join=True,
             start_method="spawn",

@@ -4,7 +4,8 @@ State, allocated once and updated in place so that captured CUDA graphs stay val
 
 - ``keys``, ``values`` ``[L, R + 1, Hkv, S, D]``, viewed per layer as ``k[l]``, ``v[l]``: slot
   r's token at position t lives at column t (slot R is the scratch slot, below);
-- ``lengths`` ``[R]``  tokens committed per slot (`kad.runtime.runner` explains the contract);
+- ``lengths`` ``[R + 1]``  tokens committed per slot (`kad.runtime.runner` explains the
+  contract; the scratch slot's stays 0);
 - ``cos``, ``sin`` ``[S, D]``  the model's own RoPE tables for positions 0..S−1.
 
 A forward over slots start..start+B−1 is a view of the first dimension, so the rows of a batch
@@ -56,8 +57,8 @@ class StaticRunner:
     ) -> None:
         """graphs: capture rounds (and prefill) as CUDA graphs (default: on a CUDA device).
         compile: run the decode layers compiled by Inductor (default: with graphs, unless
-        KAD_COMPILE=0). net: the model's tensors when they are not the model's own (a tensor-parallel shard,
-        `kad.parallel.shard`); its device is the runner's."""
+        KAD_COMPILE=0). net: the model's tensors when they are not the model's own (a
+        tensor-parallel shard, `kad.parallel.shard`); its device is the runner's."""
         self.model = model
         self.net = LlamaFamily(model, vocab_size) if net is None else net
         self.vocab_size = vocab_size
@@ -110,7 +111,8 @@ class StaticRunner:
         decode: bool,
     ) -> torch.Tensor:
         """The decoder layers over ``tokens`` ``[B, n]`` of rows whose lengths are ``lengths``
-        ``[B]``: rows start.. or ``slots``; returns the last hidden states ``[B, n, E]``."""
+        ``[B]``: rows start.. or ``slots``; returns the last hidden states ``[B, n, E]``.
+        ``decode``: a step of a round, which runs the compiled layer (when n ≤ 16)."""
         n = tokens.shape[1]
         positions = lengths[:, None] + torch.arange(n, device=self.device)  # [B, n]
         cols = positions.clamp(max=width - 1)

@@ -13,7 +13,6 @@ import atexit
 import datetime
 import os
 import signal
-import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,13 +21,8 @@ import torch
 import torch.distributed as dist
 
 from kad.errors import KadError
+from kad.eval.data_parallel import free_port, keep_multicast_off
 
-# NVLink multicast (NVLS) off wherever ranks start: see the README's "Tensor parallelism".
-NO_MULTICAST = {
-    "NCCL_NVLS_ENABLE": "0",
-    "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1",
-    "NVSHMEM_DISABLE_NVLS": "1",
-}
 # Followers wait on the driver between requests: an idle server must not time them out
 # (KAD_TP_TIMEOUT, in seconds, shortens it: tests, batch jobs).
 IDLE_TIMEOUT = datetime.timedelta(days=365)
@@ -117,8 +111,7 @@ class TensorParallel:
 def join(n: int, device: torch.device, rank: int, init_method: str) -> TensorParallel:
     """Join the N ranks as ``rank`` (``init_method``: "env://" under torchrun, or a tcp://
     address); the device is rank's own GPU (its local rank under torchrun) or the CPU."""
-    for name, value in NO_MULTICAST.items():
-        os.environ.setdefault(name, value)
+    keep_multicast_off()  # NVLink multicast off: the README's "Tensor parallelism"
     if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", rank))
         device = torch.device("cuda", local)
@@ -140,12 +133,6 @@ def join(n: int, device: torch.device, rank: int, init_method: str) -> TensorPar
 def launched() -> bool:
     """Whether a launcher (torchrun) started this process as one of several ranks."""
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and not dist.is_initialized()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def launch(n: int, device: torch.device, build: Callable[[TensorParallel], Any]) -> Any:

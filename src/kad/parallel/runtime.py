@@ -19,6 +19,7 @@ A follower's events are dropped; its text is decoded only to find stop strings a
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -83,7 +84,9 @@ class ReplicatedRunner(AgreedTimings, StaticRunner):
     """A `StaticRunner` over a whole model on every rank (the proxy; module doc of
     `kad.parallel`), its timings agreed."""
 
-    def __init__(self, model, vocab_size: int, rows: int, context: int, tp: TensorParallel):
+    def __init__(
+        self, model: PreTrainedModel, vocab_size: int, rows: int, context: int, tp: TensorParallel
+    ) -> None:
         self.tp = tp
         super().__init__(model, vocab_size, rows, context)
 
@@ -163,7 +166,9 @@ class ParallelRuntime(Runtime):
         self._ops = []
         return super().step()
 
-    def capture(self, gammas: Seq[int] = (0,), progress=None) -> int:
+    def capture(
+        self, gammas: Seq[int] = (0,), progress: Callable[[int, int], None] | None = None
+    ) -> int:
         """`Runtime.capture` on every rank together (the warm-ups run collectives)."""
         self._ops.append(("capture", tuple(gammas)))
         self.tp.broadcast(self._ops)
