@@ -4,6 +4,8 @@ slots are reused cleanly; prefill is chunked; the pool is never over-committed."
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 import torch
 
@@ -214,6 +216,8 @@ def test_capture_takes_every_batch_bucket_width_and_prefill_bucket(tiny_dirs, mo
         tiny_dirs.base, tiny_dirs.proxy, max_rows=5, max_context=1024
     )
     runtime = aligner.runtime
+    wide = {role: 1024 for role in runtime.plan.contexts}  # widths 256 and 1024 (tiny models
+    monkeypatch.setattr(runtime, "plan", replace(runtime.plan, contexts=wide))  # hold less)
     rounds, prefills, progress = [], [], []
     monkeypatch.setattr(runtime, "graphed", True)
     monkeypatch.setattr(
@@ -223,6 +227,7 @@ def test_capture_takes_every_batch_bucket_width_and_prefill_bucket(tiny_dirs, mo
     monkeypatch.setattr(StaticRunner, "prefill_graph", lambda self, *key: prefills.append(key))
     runtime.capture([0, 3], lambda done, total: progress.append((done, total)))
     widths = width_buckets(runtime.context)
+    assert widths == [256, 1024]
     assert (width_buckets(4096), width_buckets(512)) == ([256, 1024, 4096], [512])
     assert (fit_width(4096, 300), fit_width(4096, 256), fit_width(4096, 5000)) == (1024, 256, 4096)
     batches = sorted({bucket(b, 5) for b in range(1, 6)})
