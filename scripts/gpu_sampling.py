@@ -3,9 +3,9 @@
 For each preset vocabulary, times a round over fixed random p, q (`kad.bench.measure.
 decision_round`: `mix_rows` + `warp_rows` + acceptance on ``[B, γ+1, V]``, no model work),
 greedy and sampled (T = 1, with and without top-p 0.9), as CUDA graph replays: as the runtime
-captures it (every rule's formula, the top-k/top-p cut), with only the dual formula and the warp's
-own cut (what a graph per rule set would cost), and wholly compiled by Inductor (an experiment on
-the llama3 vocabulary at batch 1); and profiles the kernels of the sampled round. Writes
+captures it for a batch of dual rows (the dual formula, the warp's own cut), for a batch of mixed
+rules (every rule's formula and the top-k/top-p cut), and wholly compiled by Inductor (an
+experiment on the llama3 vocabulary at batch 1); and profiles the kernels of the sampled round. Writes
 $OUT/sampling.json.
 
     python scripts/gpu_sampling.py          (on the GPU)
@@ -40,8 +40,8 @@ def main() -> None:
                 fn = decision_round(Dual(lam=0.4), warp, batch, gamma, vocab, device)
                 row[f"{name} ms"] = 1e3 * seconds_of(fn, device)
                 if not dry:
-                    alone = decision_round(Dual(lam=0.4), warp, batch, gamma, vocab, device, True)
-                    row[f"{name} dual only ms"] = 1e3 * seconds_of(alone, device)
+                    mixed = decision_round(Dual(lam=0.4), warp, batch, gamma, vocab, device, True)
+                    row[f"{name} every formula ms"] = 1e3 * seconds_of(mixed, device)
                 if batch == 1 and gamma == 0 and name != "greedy":
                     with torch.inference_mode():
                         row[f"{name} profile"] = kernel_profile(fn, device)

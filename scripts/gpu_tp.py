@@ -1,11 +1,13 @@
 """Tensor parallelism on one GPU: is ``tensor_parallel=1`` as fast as the fast path before it,
 and does the parallel code path (a world of 1 over NCCL) capture and decode right?
 
-    python scripts/gpu_tp.py [--baseline 17a607e] [--preset llama3-8b] [--out /tmp/gpu_tp]
+    git archive ebe7075 src | tar -x -C out/baseline     # the tree before kad.parallel
+    python scripts/gpu_tp.py --baseline-tree out/baseline [--preset llama3-8b] [--out DIR]
 
-A. ``kad bench --random-init PRESET`` (no transformers peers, no check) on a worktree of the
-   baseline commit and on this tree, with ``--tensor-parallel 1``: tokens/s per path, side by
-   side (TP=1 runs the single-process runtime, so the ratio should be ~1.00).
+A. ``kad bench --random-init PRESET`` (no transformers peers, no check) on the baseline tree (a
+   directory holding a commit's ``src/``: the device has no git history) and on this tree, with
+   ``--tensor-parallel 1``: tokens/s per path, side by side (TP=1 runs the single-process
+   runtime, so the ratio should be ~1.00).
 B. The `kad.parallel` path with one rank (`launch(1, ...)`: a sharded runner whose all-reduces
    and broadcasts run over a 1-rank NCCL group, inside the compiled layers and CUDA graphs)
    against the plain runtime on the same random weights: greedy tokens (must be equal), and
@@ -27,22 +29,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def bench(tree: Path, preset: str, out: Path, extra: list[str]) -> dict:
-    args = [sys.executable, "-m", "kad", "bench", "--random-init", preset, "--batch", "1,8,32",
-            "--gammas", "1,4", "--no-transformers", "--no-check", "--repeats", "3",
-            "--out", str(out), *extra]  # fmt: skip
+    args = [sys.executable, "-m", "kad", "bench", "--random-init", preset, "--batch", "1,32",
+            "--gammas", "4", "--new-tokens", "128", "--no-transformers", "--no-check",
+            "--repeats", "2", "--out", str(out), *extra]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(tree / "src")}
     subprocess.run(args, env=env, check=True, stdout=subprocess.DEVNULL)
     return json.loads(out.read_text())
 
 
-def part_a(baseline: str, preset: str, out: Path) -> None:
-    tree = out / "baseline"
-    if not tree.exists():
-        subprocess.run(["git", "-C", str(ROOT), "worktree", "add", "--detach", str(tree),
-                        baseline], check=True)  # fmt: skip
+def part_a(tree: Path, preset: str, out: Path) -> None:
     before = bench(tree, preset, out / "baseline.json", [])
     after = bench(ROOT, preset, out / "tp1.json", ["--tensor-parallel", "1"])
-    print(f"A. {preset}: tokens/s, baseline {baseline} vs this tree with --tensor-parallel 1")
+    print(f"A. {preset}: tokens/s, baseline {tree} vs this tree with --tensor-parallel 1")
     for b0, b1 in zip(before["batches"], after["batches"], strict=True):
         rows1 = {r["path"]: r["tokens_per_s"] for r in b1["rows"]}
         for r in b0["rows"]:
@@ -96,15 +94,20 @@ def part_b(preset: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--baseline", default="17a607e")
+    parser.add_argument(
+        "--baseline-tree", type=Path, help="a directory holding the baseline's src/"
+    )
     parser.add_argument("--preset", default="llama3-8b")
     parser.add_argument("--out", type=Path, default=Path("/tmp/gpu_tp"))
+    parser.add_argument("--part-b-preset", default="llama3.2-1b:llama3.2-1b")
     parser.add_argument("--skip-a", action="store_true", help="only part B")
+    parser.add_argument("--skip-b", action="store_true", help="only part A")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.skip_a:
-        part_a(args.baseline, args.preset, args.out)
-    part_b(args.preset)
+        part_a(args.baseline_tree.resolve(), args.preset, args.out)
+    if not args.skip_b:
+        part_b(args.part_b_preset)
 
 
 if __name__ == "__main__":

@@ -276,3 +276,19 @@ def test_the_proxy_base_runs_only_for_rules_that_need_it(tiny_aligner):
     while not (plain.done and reward.done):
         plain.step()
         reward.step()
+
+
+def test_a_row_that_cuts_nothing_keeps_its_distribution_in_a_batch_that_cuts():
+    """A round sorts for top-k/top-p only when some row cuts (`kad.runtime.round.Work`): a row
+    with top_k = 0 and top_p = 1 beside one that cuts gets exactly the probabilities it gets in
+    a round that does not sort (a float32 cumulative sum over a large vocabulary reaches 1
+    before its last tokens, which a cut at top_p = 1 would drop)."""
+    from kad.sampling import warp_rows
+
+    generator = torch.Generator().manual_seed(0)
+    probs = torch.softmax(3 * torch.randn(3, 2, 50_000, generator=generator), dim=-1)
+    rows = [kad.Warp(1.0), kad.Warp(0.7), kad.Warp(1.0, top_p=0.9)]
+    table = torch.tensor([w.row() for w in rows])
+    cut, uncut = warp_rows(probs, table, cut=True), warp_rows(probs[:2], table[:2], cut=False)
+    assert torch.equal(cut[:2], uncut)
+    assert (cut[2] == 0).any()  # the third row's top-p did cut

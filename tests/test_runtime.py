@@ -10,6 +10,8 @@ import pytest
 import torch
 
 import kad
+from kad.rules import LOSSES
+from kad.runtime.round import ALL, Work, decode_round
 from kad.runtime.runner import TransformersRunner
 from tests.test_engine import PROMPTS, RULES
 
@@ -221,17 +223,79 @@ def test_capture_takes_every_batch_bucket_width_and_prefill_bucket(tiny_dirs, mo
     rounds, prefills, progress = [], [], []
     monkeypatch.setattr(runtime, "graphed", True)
     monkeypatch.setattr(
-        runtime, "_graph", lambda batch, gamma, runners, width: rounds.append((batch, gamma, width))
+        runtime,
+        "_graph",
+        lambda batch, gamma, runners, width, work: rounds.append((batch, gamma, width, work)),
     )
     monkeypatch.setattr(StaticRunner, "prefill_buckets", lambda self: [(1, 16, 256), (2, 32, 1024)])
     monkeypatch.setattr(StaticRunner, "prefill_graph", lambda self, *key: prefills.append(key))
-    runtime.capture([0, 3], lambda done, total: progress.append((done, total)))
+    works = [Work.of([kad.Dual()], [kad.Warp()]), ALL]
+    runtime.capture([0, 3], lambda done, total: progress.append((done, total)), works)
     widths = width_buckets(runtime.context)
     assert widths == [256, 1024]
     assert (width_buckets(4096), width_buckets(512)) == ([256, 1024, 4096], [512])
     assert (fit_width(4096, 300), fit_width(4096, 256), fit_width(4096, 5000)) == (1024, 256, 4096)
     batches = sorted({bucket(b, 5) for b in range(1, 6)})
-    assert sorted(rounds) == sorted((b, g, w) for b in batches for g in (0, 3) for w in widths)
+    want = [(b, g, w, k) for b in batches for g in (0, 3) for w in widths for k in works]
+    assert sorted(rounds, key=str) == sorted(want, key=str)
     assert len(prefills) == 2 * len(runtime.runners)
     total = len(rounds) + len(prefills)
     assert progress == [(i, total) for i in range(1, total + 1)]
+
+
+def test_graphed_rounds_compute_their_batchs_work_and_give_each_row_its_tokens(
+    tiny_dirs, monkeypatch
+):
+    """The GPU's round graphs (a batch bucket's round keyed by its `Work`), replayed eagerly here:
+    a batch of one rule computes only that rule's formula, its rows' losses and the cut only when
+    a row cuts; a batch of mixed rules computes every formula; every row's tokens equal its own
+    run alone, greedy and seeded sampled, plain and speculative."""
+    aligner = kad.Aligner.from_pretrained(
+        tiny_dirs.base, tiny_dirs.proxy, tiny_dirs.proxy_base, max_rows=8
+    )
+    rules = [rule for rule, _ in MIXED]
+    warps = [w for _, w in MIXED]
+    prompts = [PROMPTS[i % 3] for i in range(len(MIXED))]
+    seeds = list(range(100, 100 + len(MIXED)))
+    kw = {"max_new_tokens": 8}
+    alone = {}
+    for gamma in (None, 3):
+        for i in range(len(MIXED)):
+            alone[gamma, i] = aligner.generate(
+                prompts[i], rule=rules[i], seed=[seeds[i]], speculative=gamma, **kw, **warps[i]
+            )[0].token_ids
+    runtime = aligner.runtime
+    keys = []
+
+    def graph(batch, gamma, runners, width, work):
+        keys.append(work)
+        round_ = lambda: decode_round(runners, runtime.table, batch, gamma, width=width, work=work)  # noqa: E731
+        return type("Eager", (), {"replay": staticmethod(round_)})
+
+    monkeypatch.setattr(runtime, "graphed", True)
+    monkeypatch.setattr(runtime, "_graph", graph)
+    warp = {
+        key: [w.get(key, default) for w in warps]
+        for key, default in (("temperature", 0.0), ("top_p", 1.0), ("top_k", 0))
+    }
+    for gamma in (None, 3):
+        keys.clear()
+        together = aligner.generate(
+            prompts, rule=rules, seed=seeds, speculative=gamma, **kw, **warp
+        )
+        assert [g.token_ids for g in together] == [alone[gamma, i] for i in range(len(MIXED))]
+        assert keys[0] == ALL  # mixed rules and cuts: every formula (later rounds hold fewer)
+        for i in (0, 3, 6):  # one rule: its own formula, losses, cut
+            keys.clear()
+            one = aligner.generate(
+                prompts[i], rule=rules[i], seed=[seeds[i]], speculative=gamma, **kw, **warps[i]
+            )
+            assert one[0].token_ids == alone[gamma, i]
+            assert set(keys) == {Work.of([rules[i]], [kad.Warp(**warps[i])])}
+    dual, margin = kad.Dual(lam=0.3), kad.Dual(mu=0.3, loss="margin")
+    kinds, margin_id = Work.of([dual], [kad.Warp()]).kinds, LOSSES.index("margin")
+    assert Work.of([dual, margin], [kad.Warp(), kad.Warp(1.0)]) == Work(
+        kinds, (0, margin_id), False
+    )
+    assert Work.of([dual], [kad.Warp(1.0, top_p=0.9)]).cut
+    assert Work.of([dual, kad.Primal(0.5)], [kad.Warp()]) == Work(None, None, False)

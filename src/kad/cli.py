@@ -105,7 +105,10 @@ _TYPE_METAVARS = {"str": "TEXT", "list[str]": "TEXT", "int": "INTEGER", "path": 
 
 def plain_metavars(command: click.Command) -> click.Command:
     """Help without typer's ``<bool>``/``<str>`` labels: flags show none, other options an
-    upper-case type (``TEXT``, ``FLOAT``) or their choices. Returns ``command``."""
+    upper-case type (``TEXT``, ``FLOAT``) or their choices. Returns ``command``. Typer before
+    0.29 has no such labels (nor `display_type`): its help shows click's metavars already."""
+    if not hasattr(TyperOption, "display_type"):
+        return command
     ctx = click.Context(command)
     for param in command.get_params(ctx):
         if isinstance(param, TyperOption) and param.metavar is None:

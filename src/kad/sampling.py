@@ -69,7 +69,8 @@ def warp_rows(probs: torch.Tensor, table: torch.Tensor, cut: bool = True) -> tor
 
     softmax(log π / T), then the k most probable tokens (k > 0), then the smallest prefix of
     the rest by probability whose mass reaches top_p; greedy rows (T = 0) get the one-hot of
-    argmax π (lowest id among ties). ``cut`` False skips top-k and top-p (no row uses them)."""
+    argmax π (lowest id among ties). ``cut`` False skips top-k and top-p (no row uses them);
+    a row that cuts nothing keeps its softmax exactly either way."""
     shape = (table.shape[0],) + (1,) * (probs.dim() - 1)
     temperature, top_k, top_p = (table[:, i].reshape(shape) for i in range(3))
     greedy = temperature == 0
@@ -84,8 +85,9 @@ def warp_rows(probs: torch.Tensor, table: torch.Tensor, cut: bool = True) -> tor
         before = (torch.cumsum(kept, dim=-1) - kept) / kept.sum(dim=-1, keepdim=True)
         keep_sorted = in_k & (before < top_p)  # always keeps the first token
         keep = torch.zeros_like(keep_sorted).scatter_(-1, order, keep_sorted)
-        warped = warped * keep
-        warped = warped / warped.sum(dim=-1, keepdim=True)
+        kept = warped * keep
+        cuts = (top_k > 0) | (top_p < 1)  # [B, 1, ..]
+        warped = torch.where(cuts, kept / kept.sum(dim=-1, keepdim=True), warped)
     one_hot = torch.zeros_like(probs).scatter_(-1, probs.argmax(dim=-1, keepdim=True), 1.0)
     return torch.where(greedy, one_hot, warped)
 

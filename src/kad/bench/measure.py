@@ -21,9 +21,9 @@ from typing import Any
 import torch
 
 from kad.fast.graphs import Graph, compiled_uniforms, restored, seconds
-from kad.rules import Rule, rule_row, spec_of
+from kad.rules import Rule, rule_row
 from kad.runtime.pool import SlotTable
-from kad.runtime.round import decode_round
+from kad.runtime.round import ALL, Work, decode_round
 from kad.runtime.runner import Runner
 from kad.runtime.scheduler import Runtime
 from kad.runtime.sequence import Request, Sequence
@@ -237,12 +237,12 @@ def decision_round(
     gamma: int,
     vocab: int,
     device: torch.device,
-    only_kind: bool = False,
+    every: bool = False,
 ) -> Callable[[], torch.Tensor]:
     """One round of ``batch`` rows of ``rule`` and ``warp`` over fixed random p and q (module
-    doc), called as the runtime calls it: on a CPU eagerly, with only the rule's formula and the
-    cut only if the warp cuts; on a GPU as captured, with every rule's formula, the cut and the
-    compiled uniforms (``only_kind``: as on a CPU, with the compiled uniforms)."""
+    doc), called as the runtime calls it for a batch of that rule: its own formula, and the cut
+    only if the warp cuts (``every``: every rule's formula and the cut, as for a batch of mixed
+    rules); with the compiled uniforms on a GPU."""
     graphed = device.type == "cuda"
     runners: dict[str, Any] = {
         role: FixedRunner(random_log_probs(batch, gamma + 1, vocab, device, seed), graphed)
@@ -253,12 +253,8 @@ def decision_round(
         table.write(slot, rule_row(rule), warp.row(), slot, False)
         table.start(slot, {role: 0 for role in runners})
     uniforms = compiled_uniforms() if graphed else counter_uniform
-    if graphed and not only_kind:
-        return lambda: decode_round(runners, table, batch, gamma, uniforms=uniforms)
-    kinds, cut = [spec_of(rule).kind], warp.cuts
-    return lambda: decode_round(
-        runners, table, batch, gamma, kinds=kinds, cut=cut, uniforms=uniforms
-    )
+    work = ALL if every else Work.of([rule], [warp])
+    return lambda: decode_round(runners, table, batch, gamma, work=work, uniforms=uniforms)
 
 
 def decision_seconds(

@@ -57,7 +57,7 @@ from kad.fast.roofline import (
 )
 from kad.models import resolve_device, resolve_dtype
 from kad.rules import BaseOnly, Dual, Primal, Rule
-from kad.runtime.round import decode_round
+from kad.runtime.round import Work, decode_round
 from kad.runtime.scheduler import Runtime
 from kad.sampling import Warp, counter_uniform
 
@@ -300,14 +300,17 @@ def time_split(runtime: Runtime, batch: int, gammas: list[int], vocab: int) -> d
 
 
 def round_profile(runtime: Runtime, batch: int) -> dict[str, Any]:
-    """`kernel_profile` of a plain round over the runtime's pools, launched eagerly (as its graph
-    would replay it: every rule kind, the cut, compiled uniforms); the pools are left as found."""
+    """`kernel_profile` of a plain round of dual greedy rows over the runtime's pools, launched
+    eagerly (as its graph would replay it, with the compiled uniforms); the pools are left as
+    found."""
     runners, table = runtime.runners, runtime.table
     state = [r.lengths for r in runners.values()] + table.tensors()
     uniforms = compiled_uniforms() if runtime.graphed else counter_uniform
+    work = Work.of([DUAL], [GREEDY])
     with torch.inference_mode(), restored(state):
         return kernel_profile(
-            lambda: decode_round(runners, table, batch, 0, uniforms=uniforms), runtime.device
+            lambda: decode_round(runners, table, batch, 0, work=work, uniforms=uniforms),
+            runtime.device,
         )
 
 

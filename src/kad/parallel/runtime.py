@@ -36,6 +36,7 @@ from kad.outputs import StepEvent
 from kad.parallel.group import TensorParallel
 from kad.parallel.shard import shard_family
 from kad.runtime.pool import PoolPlan, plan_pool
+from kad.runtime.round import ALL, Work
 from kad.runtime.runner import Runner, TransformersRunner
 from kad.runtime.scheduler import Runtime
 from kad.runtime.sequence import Request, Sequence
@@ -167,13 +168,16 @@ class ParallelRuntime(Runtime):
         return super().step()
 
     def capture(
-        self, gammas: Seq[int] = (0,), progress: Callable[[int, int], None] | None = None
+        self,
+        gammas: Seq[int] = (0,),
+        progress: Callable[[int, int], None] | None = None,
+        works: Seq[Work] = (ALL,),
     ) -> int:
         """`Runtime.capture` on every rank together (the warm-ups run collectives)."""
-        self._ops.append(("capture", tuple(gammas)))
+        self._ops.append(("capture", tuple(gammas), tuple(works)))
         self.tp.broadcast(self._ops)
         self._ops = []
-        return super().capture(gammas, progress)
+        return super().capture(gammas, progress, works)
 
     def stop(self) -> None:
         """The driver is done: the followers' `follow` returns."""
@@ -196,9 +200,9 @@ class ParallelRuntime(Runtime):
                     elif op[0] == "cancel" and op[1] in self._followed:
                         Runtime.cancel(self, self._followed[op[1]])
                     else:
-                        capture = op[1]
+                        capture = op[1:]  # gammas, works
                 if capture is not None:
-                    Runtime.capture(self, capture)
+                    Runtime.capture(self, capture[0], None, capture[1])
                 else:
                     Runtime.step(self)
                 self._followed = {i: s for i, s in self._followed.items() if not s.finished}

@@ -17,7 +17,10 @@ Uniforms are `counter_uniform(seed, step, stream)`: ``step`` is the row's count 
 tokens at the round's start, the stream 3j for draft j, 3j + 1 for its test, 3γ + 2 for the
 next token. A row's draws therefore depend only on its own seed and progress, never on its batch
 or on when it joined. The round reads nothing on the host: on a GPU it is captured once per
-(batch bucket, γ, models, attention width) and replayed; its results come back in one tensor.
+(batch bucket, γ, models, attention width, `Work`) and replayed; its results come back in one
+tensor. `Work` names the formulas a round computes: a batch of one rule runs only that rule's
+formula (and its rows' losses), and the sort of top-k/top-p only when some row cuts; the other
+formulas' rows are masked, so a row's result never depends on what else its round computes.
 
 Tensor parallelism (`kad.parallel`): every rank runs the same round. A base runner with an
 ``agree`` method (the sharded one) makes every rank take rank 0's drafts (before the base reads
@@ -27,17 +30,43 @@ caches or tokens can drift from the others even where kernels round differently.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
 
 import torch
 
-from kad.rules import mix_rows
+from kad.rules import Rule, mix_rows, spec_of
 from kad.runtime.pool import SlotTable
 from kad.runtime.runner import Runner
-from kad.sampling import counter_uniform, sample_inverse_cdf, warp_rows
+from kad.sampling import Warp, counter_uniform, sample_inverse_cdf, warp_rows
 from kad.speculative import acceptance_probability, accepted_lengths, next_distribution
 
 FIELDS = 6  # per position: emitted token, proxy share, α, TV(π, q*), unfilled budget, predicted
+
+
+class Work(NamedTuple):
+    """What a round computes over the vocabulary: the rule kinds and loss ids whose formulas
+    run (None: every one), and whether top-k/top-p's sort runs (some row cuts)."""
+
+    kinds: tuple[int, ...] | None
+    losses: tuple[int, ...] | None
+    cut: bool
+
+    @classmethod
+    def of(cls, rules: Iterable[Rule], warps: Iterable[Warp]) -> Work:
+        """The work of a batch of rows with these rules and warps: one rule kind runs its own
+        formula for its rows' losses; several kinds run every formula (one graph for any mix,
+        rather than one per combination)."""
+        rules = list(rules)
+        kinds = {spec_of(rule).kind for rule in rules}
+        losses = {rule.columns().get("loss") for rule in rules} - {None}  # type: ignore[attr-defined]
+        cut = any(warp.cuts for warp in warps)
+        if len(kinds) != 1:
+            return cls(None, None, cut)
+        return cls(tuple(kinds), tuple(sorted(losses)) or None, cut)
+
+
+ALL = Work(None, None, True)  # every formula and the cut: any batch
 
 
 def decode_round(
@@ -48,8 +77,7 @@ def decode_round(
     *,
     width: int | None = None,
     live: dict[str, Sequence[int]] | None = None,
-    kinds: Sequence[int] | None = None,
-    cut: bool = True,
+    work: Work = ALL,
     beside: torch.cuda.Stream | None = None,
     uniforms=counter_uniform,
 ) -> torch.Tensor:
@@ -57,8 +85,8 @@ def decode_round(
     position the `FIELDS` (position-major), then the accepted draft count.
 
     ``width``: as in `Runner.forward`; ``live``: per model, the batch rows whose outputs matter
-    (None: every row; runners may skip the others); ``kinds``: the rule ids present (None: all);
-    ``cut``: some row uses top-k or top-p; ``beside``: a CUDA stream for the proxy's last step;
+    (None: every row; runners may skip the others); ``work``: the formulas to compute, which
+    must cover every row's rule, loss and warp (`Work.of` the batch's requests); ``beside``: a CUDA stream for the proxy's last step;
     ``uniforms``: `counter_uniform` or its compiled form (the same values)."""
     base, proxy = runners["base"], runners["proxy"]
     proxy_base = runners.get("proxy_base")
@@ -79,7 +107,7 @@ def decode_round(
         ].exp()
         proxy.advance(0, ones)
         q_steps.append(q_j)  # [B, V]
-        q_tilde.append(warp_rows(q_j, warps, cut))
+        q_tilde.append(warp_rows(q_j, warps, work.cut))
         current = sample_inverse_cdf(q_tilde[-1], draws[:, 3 * j])
         if agree is not None:
             current = agree(current)
@@ -116,8 +144,8 @@ def decode_round(
         rows = live.get("proxy_base")
         q_base = proxy_base.forward(0, verify_inputs("proxy_base"), width=width, live=rows).exp()
 
-    mix = mix_rows(p, q, q_base, rules, kinds)
-    target = warp_rows(mix.pi, warps, cut)  # [B, γ+1, V] π̃
+    mix = mix_rows(p, q, q_base, rules, work.kinds, work.losses)
+    target = warp_rows(mix.pi, warps, work.cut)  # [B, γ+1, V] π̃
     q_tilde_all = torch.stack(q_tilde, dim=1) if q_tilde else target[:, :0]  # [B, γ, V]
     tests = draws[:, 1 : 3 * gamma : 3]  # [B, γ] stream 3j + 1
     accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde_all, tests)  # [B]

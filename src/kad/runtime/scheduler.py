@@ -40,9 +40,9 @@ from kad.fast.llama import unsupported_reason
 from kad.fast.quant import weight_bytes
 from kad.fast.runner import StaticRunner, fit_width, width_buckets
 from kad.outputs import StepEvent
-from kad.rules import rule_row, spec_of
+from kad.rules import rule_row
 from kad.runtime.pool import PoolPlan, SlotTable, plan_pool
-from kad.runtime.round import FIELDS, decode_round
+from kad.runtime.round import ALL, FIELDS, Work, decode_round
 from kad.runtime.runner import Runner, TransformersRunner
 from kad.runtime.sequence import Request, Sequence
 from kad.speculative import AutoGamma
@@ -113,7 +113,7 @@ class Runtime:
         self.auto = AutoGamma()
         self._weight_bytes = (_bytes(self.runners["proxy"]), _bytes(self.runners["base"]))
         self.graphed = all(r.graphable for r in self.runners.values())
-        self.graphs: dict[tuple[int, int, bool, int], Graph] = {}
+        self.graphs: dict[tuple[int, int, bool, int, Work], Graph] = {}
         self._pool = torch.cuda.graph_pool_handle() if self.graphed else None  # all graphs'
         for runner in self.runners.values():
             if isinstance(runner, StaticRunner):
@@ -276,10 +276,11 @@ class Runtime:
         # past the width is clamped to its last column, which must not hold a cached token).
         occupied = [s for s in self.slots if s is not None]
         width = max(max(s.cached.values()) for s in occupied) + gamma + 1
+        work = Work.of([s.request.rule for s in running], [s.request.warp for s in running])
         if self.graphed:
             batch = bucket(used, self.rows)
             width = fit_width(self.context, width)
-            packed = self._graph(batch, gamma, runners, width).replay()
+            packed = self._graph(batch, gamma, runners, width, work).replay()
         else:
             batch = used
             rows = [s.slot for s in running]
@@ -293,8 +294,7 @@ class Runtime:
                 gamma,
                 width=width,
                 live=live,
-                kinds=sorted({spec_of(s.request.rule).kind for s in running}),
-                cut=any(s.request.warp.cuts for s in running),
+                work=work,
             )
         values = packed.tolist()  # the round's one host synchronisation
         events = []
@@ -324,11 +324,15 @@ class Runtime:
 
     @torch.inference_mode()
     def capture(
-        self, gammas: Seq[int] = (0,), progress: Callable[[int, int], None] | None = None
+        self,
+        gammas: Seq[int] = (0,),
+        progress: Callable[[int, int], None] | None = None,
+        works: Seq[Work] = (ALL,),
     ) -> int:
-        """Capture the rounds of every batch bucket and width for these draft lengths, and every
-        prefill bucket, now (at start-up) rather than on first use; returns how many graphs
-        exist. ``progress(done, total)`` is called after each. A no-op off the GPU path."""
+        """Capture the rounds of every batch bucket and width for these draft lengths and
+        `Work`s (e.g. ``Work.of`` a server's default request), and every prefill bucket, now
+        (at start-up) rather than on first use; returns how many graphs exist.
+        ``progress(done, total)`` is called after each. A no-op off the GPU path."""
         if not self.graphed:
             return 0
         runners = {r: x for r, x in self.runners.items() if r != "proxy_base"}
@@ -340,7 +344,8 @@ class Runtime:
             for key in runner.prefill_buckets()  # type: ignore[attr-defined]
         ]
         captures = prefills + [
-            functools.partial(self._graph, batch, gamma, runners, width)
+            functools.partial(self._graph, batch, gamma, runners, width, work)
+            for work in works
             for gamma in gammas
             for batch in batches
             for width in widths
@@ -356,10 +361,12 @@ class Runtime:
         """The widest model's columns (graphs' widths are buckets of it)."""
         return max(self.plan.contexts.values())
 
-    def _graph(self, batch: int, gamma: int, runners: dict[str, Runner], width: int) -> Graph:
-        """The captured round for this batch bucket, γ, set of models and attention width
-        (captured on first use)."""
-        key = (batch, gamma, "proxy_base" in runners, width)
+    def _graph(
+        self, batch: int, gamma: int, runners: dict[str, Runner], width: int, work: Work
+    ) -> Graph:
+        """The captured round for this batch bucket, γ, set of models, attention width and
+        work (captured on first use)."""
+        key = (batch, gamma, "proxy_base" in runners, width, work)
         if key not in self.graphs:
             uniforms = compiled_uniforms()
             state = [r.lengths for r in runners.values()] + self.table.tensors()
@@ -371,6 +378,7 @@ class Runtime:
                     batch,
                     gamma,
                     width=width,
+                    work=work,
                     beside=self._beside,
                     uniforms=uniforms,
                 )

@@ -189,7 +189,7 @@ def serve_command(
         max_body_bytes=max_body_bytes,
         max_prompt_chars=max_prompt_chars,
     )
-    capture_graphs(aligner.runtime, gamma)
+    capture_graphs(aligner.runtime, gamma, chosen)
     typer.echo(f"serving {model_name!r} ({pair}) at http://{host}:{port}/v1")
     if aligner.parallel is not None:
         # uvicorn shuts down on SIGTERM, then raises it again: exit through Python then, so
@@ -199,13 +199,17 @@ def serve_command(
     aligner.close()
 
 
-def capture_graphs(runtime: Any, speculative: int | str | None) -> None:
-    """On a GPU, capture the rounds and prefills the server's default γ uses before the first
-    request (as vLLM does), so that no early request waits for a capture: plain rounds, and
-    the default γ (every γ when it is "auto"); a request's own other γ is captured on first
-    use."""
+def capture_graphs(runtime: Any, speculative: int | str | None, rule: Any) -> None:
+    """On a GPU, capture the rounds and prefills the server's default request uses before the
+    first request (as vLLM does), so that no early request waits for a capture: plain rounds and
+    the default γ (every γ when it is "auto"), for the default rule, greedy or sampled without
+    top-k/top-p (the API's defaults); other γs, rules and cuts are captured on first use."""
     if not runtime.graphed:
         return
+    from kad.runtime.round import Work
+    from kad.sampling import Warp
+
+    works = [Work.of([rule], [Warp(temperature=1.0)])]
     gammas = {0}
     if speculative == "auto":
         gammas |= set(range(1, runtime.auto.gamma_max + 1))
@@ -221,6 +225,6 @@ def capture_graphs(runtime: Any, speculative: int | str | None) -> None:
     ) as bar:
         task = bar.add_task("capture", total=None)
         count = runtime.capture(
-            sorted(gammas), lambda done, total: bar.update(task, completed=done, total=total)
+            sorted(gammas), lambda done, total: bar.update(task, completed=done, total=total), works
         )
     typer.echo(f"captured {count} CUDA graphs in {time.perf_counter() - started:.0f} s")
