@@ -279,10 +279,12 @@ def test_the_proxy_base_runs_only_for_rules_that_need_it(tiny_aligner):
 
 
 def test_a_row_that_cuts_nothing_keeps_its_distribution_in_a_batch_that_cuts():
-    """A round sorts for top-k/top-p only when some row cuts (`kad.runtime.round.Work`): a row
-    with top_k = 0 and top_p = 1 beside one that cuts gets exactly the probabilities it gets in
-    a round that does not sort (a float32 cumulative sum over a large vocabulary reaches 1
-    before its last tokens, which a cut at top_p = 1 would drop)."""
+    """A round sorts for top-k/top-p only when some row cuts, and takes the temperature's
+    softmax only when some row has T ∉ {0, 1} (`kad.runtime.round.Work`): a row with top_k = 0
+    and top_p = 1 beside one that cuts gets exactly the probabilities it gets in a round that
+    does not sort (a float32 cumulative sum over a large vocabulary reaches 1 before its last
+    tokens, which a cut at top_p = 1 would drop), and a row at T = 1 or 0 those of a round
+    without the softmax."""
     from kad.sampling import warp_rows
 
     generator = torch.Generator().manual_seed(0)
@@ -292,3 +294,6 @@ def test_a_row_that_cuts_nothing_keeps_its_distribution_in_a_batch_that_cuts():
     cut, uncut = warp_rows(probs, table, cut=True), warp_rows(probs[:2], table[:2], cut=False)
     assert torch.equal(cut[:2], uncut)
     assert (cut[2] == 0).any()  # the third row's top-p did cut
+    plain = torch.tensor([kad.Warp(1.0).row(), kad.Warp().row()])
+    tempered = warp_rows(probs[:2], plain, cut=False, temper=True)
+    assert torch.equal(tempered, warp_rows(probs[:2], plain, cut=False, temper=False))

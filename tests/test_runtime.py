@@ -294,8 +294,8 @@ def test_graphed_rounds_compute_their_batchs_work_and_give_each_row_its_tokens(
             assert set(keys) == {Work.of([rules[i]], [kad.Warp(**warps[i])])}
     dual, margin = kad.Dual(lam=0.3), kad.Dual(mu=0.3, loss="margin")
     kinds, margin_id = Work.of([dual], [kad.Warp()]).kinds, LOSSES.index("margin")
-    assert Work.of([dual, margin], [kad.Warp(), kad.Warp(1.0)]) == Work(
-        kinds, (0, margin_id), False
-    )
+    pair = Work.of([dual, margin], [kad.Warp(), kad.Warp(1.0)])
+    assert pair == Work(kinds, (0, margin_id), False, False)
     assert Work.of([dual], [kad.Warp(1.0, top_p=0.9)]).cut
-    assert Work.of([dual, kad.Primal(0.5)], [kad.Warp()]) == Work(None, None, False)
+    assert Work.of([dual], [kad.Warp(0.7)]).temper and not Work.of([dual], [kad.Warp(0.7)]).cut
+    assert Work.of([dual, kad.Primal(0.5)], [kad.Warp()]) == Work(None, None, False, False)

@@ -52,6 +52,11 @@ class Warp:
         """Whether top-k or top-p removes tokens (a sort over the vocabulary)."""
         return not self.greedy and (self.top_k > 0 or self.top_p < 1.0)
 
+    @property
+    def tempers(self) -> bool:
+        """Whether the temperature reshapes π (a softmax over the vocabulary): T ∉ {0, 1}."""
+        return not self.greedy and self.temperature != 1.0
+
     def row(self) -> list[float]:
         """The row of a batch's warp table: temperature, top_k, top_p."""
         return [float(self.temperature), float(self.top_k), float(self.top_p)]
@@ -60,23 +65,28 @@ class Warp:
         """The warped distribution ``[..., V]`` of probabilities ``[..., V]``."""
         table = torch.tensor([self.row()], dtype=torch.float32, device=probs.device)
         flat = probs.reshape(1, -1, probs.shape[-1])
-        return warp_rows(flat, table, cut=self.cuts).reshape(probs.shape)
+        return warp_rows(flat, table, self.cuts, self.tempers).reshape(probs.shape)
 
 
-def warp_rows(probs: torch.Tensor, table: torch.Tensor, cut: bool = True) -> torch.Tensor:
+def warp_rows(
+    probs: torch.Tensor, table: torch.Tensor, cut: bool = True, temper: bool = True
+) -> torch.Tensor:
     """Each row's warped distribution: probs ``[B, ..., V]``, ``table`` ``[B, 3]`` rows of
     `Warp.row` (temperature, top_k, top_p).
 
     softmax(log π / T), then the k most probable tokens (k > 0), then the smallest prefix of
     the rest by probability whose mass reaches top_p; greedy rows (T = 0) get the one-hot of
-    argmax π (lowest id among ties). ``cut`` False skips top-k and top-p (no row uses them);
-    a row that cuts nothing keeps its softmax exactly either way."""
+    argmax π (lowest id among ties). ``cut`` False skips top-k and top-p (no row uses them),
+    ``temper`` False the softmax (every row has T = 0 or 1); a row that needs neither gets the
+    same probabilities either way."""
     shape = (table.shape[0],) + (1,) * (probs.dim() - 1)
     temperature, top_k, top_p = (table[:, i].reshape(shape) for i in range(3))
     greedy = temperature == 0
     scale = torch.where(greedy, torch.ones_like(temperature), temperature)
-    warped = torch.softmax(torch.log(probs) / scale, dim=-1)
-    warped = torch.where(scale == 1, probs, warped)  # softmax(log π) is π: keep it exact
+    warped = probs
+    if temper:
+        warped = torch.softmax(torch.log(probs) / scale, dim=-1)
+        warped = torch.where(scale == 1, probs, warped)  # softmax(log π) is π: keep it exact
     if cut:
         ordered, order = torch.sort(warped, dim=-1, descending=True, stable=True)
         rank = torch.arange(probs.shape[-1], device=probs.device)

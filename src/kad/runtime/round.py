@@ -19,8 +19,9 @@ next token. A row's draws therefore depend only on its own seed and progress, ne
 or on when it joined. The round reads nothing on the host: on a GPU it is captured once per
 (batch bucket, γ, models, attention width, `Work`) and replayed; its results come back in one
 tensor. `Work` names the formulas a round computes: a batch of one rule runs only that rule's
-formula (and its rows' losses), and the sort of top-k/top-p only when some row cuts; the other
-formulas' rows are masked, so a row's result never depends on what else its round computes.
+formula (and its rows' losses), the sort of top-k/top-p only when some row cuts, the softmax of
+a temperature only when some row has T ∉ {0, 1}; what a row does not need leaves its values
+unchanged, so a row's result never depends on what else its round computes.
 
 Tensor parallelism (`kad.parallel`): every rank runs the same round. A base runner with an
 ``agree`` method (the sharded one) makes every rank take rank 0's drafts (before the base reads
@@ -46,11 +47,13 @@ FIELDS = 6  # per position: emitted token, proxy share, α, TV(π, q*), unfilled
 
 class Work(NamedTuple):
     """What a round computes over the vocabulary: the rule kinds and loss ids whose formulas
-    run (None: every one), and whether top-k/top-p's sort runs (some row cuts)."""
+    run (None: every one), whether top-k/top-p's sort runs (some row cuts) and whether the
+    temperature's softmax runs (some row has T ∉ {0, 1})."""
 
     kinds: tuple[int, ...] | None
     losses: tuple[int, ...] | None
     cut: bool
+    temper: bool
 
     @classmethod
     def of(cls, rules: Iterable[Rule], warps: Iterable[Warp]) -> Work:
@@ -60,13 +63,14 @@ class Work(NamedTuple):
         rules = list(rules)
         kinds = {spec_of(rule).kind for rule in rules}
         losses = {rule.columns().get("loss") for rule in rules} - {None}  # type: ignore[attr-defined]
-        cut = any(warp.cuts for warp in warps)
+        warps = list(warps)
+        cut, temper = any(w.cuts for w in warps), any(w.tempers for w in warps)
         if len(kinds) != 1:
-            return cls(None, None, cut)
-        return cls(tuple(kinds), tuple(sorted(losses)) or None, cut)
+            return cls(None, None, cut, temper)
+        return cls(tuple(kinds), tuple(sorted(losses)) or None, cut, temper)
 
 
-ALL = Work(None, None, True)  # every formula and the cut: any batch
+ALL = Work(None, None, True, True)  # every formula, the cut and the softmax: any batch
 
 
 def decode_round(
@@ -107,7 +111,7 @@ def decode_round(
         ].exp()
         proxy.advance(0, ones)
         q_steps.append(q_j)  # [B, V]
-        q_tilde.append(warp_rows(q_j, warps, work.cut))
+        q_tilde.append(warp_rows(q_j, warps, work.cut, work.temper))
         current = sample_inverse_cdf(q_tilde[-1], draws[:, 3 * j])
         if agree is not None:
             current = agree(current)
@@ -145,7 +149,7 @@ def decode_round(
         q_base = proxy_base.forward(0, verify_inputs("proxy_base"), width=width, live=rows).exp()
 
     mix = mix_rows(p, q, q_base, rules, work.kinds, work.losses)
-    target = warp_rows(mix.pi, warps, work.cut)  # [B, γ+1, V] π̃
+    target = warp_rows(mix.pi, warps, work.cut, work.temper)  # [B, γ+1, V] π̃
     q_tilde_all = torch.stack(q_tilde, dim=1) if q_tilde else target[:, :0]  # [B, γ, V]
     tests = draws[:, 1 : 3 * gamma : 3]  # [B, γ] stream 3j + 1
     accepted = accepted_lengths(drafted, target[:, :gamma], q_tilde_all, tests)  # [B]
