@@ -14,6 +14,7 @@
 #   scripts/gpu_bench.sh sampling the check (one family), decision timings, llama3 B=1 short
 #   scripts/gpu_bench.sh b8       olmo2_b8 then qwen3_b8
 #   scripts/gpu_bench.sh llama3_all  llama3 at batches 1, 8, 32 with kad bench's float32 check
+#   scripts/gpu_bench.sh rounds   the float32 check, then llama3 at batches 1, 32 without peers
 set -euo pipefail
 stage=${1:-smoke}
 OUT=${OUT:-out}
@@ -76,6 +77,12 @@ case $stage in
   llama3_all)  # the llama pair at batches 1, 8, 32 in one run, with the float32 check (no transformers)
     bench llama3_all --random-init llama3-8b --batch 1,8,32 --repeats 2 --gammas 1,2,3,4 \
       --assisted-gammas 4 --no-transformers
+    ;;
+  rounds)  # rounds keyed by their Work (2026-12-02): the check, then the llama pair without peers
+    timeout 240 python3 scripts/gpu_check.py llama3.2-1b 2>&1 | tee "$OUT/check.log" ||
+      echo "gpu_check.py failed; the benchmark runs anyway"
+    bench llama3_rounds --random-init llama3-8b --batch 1,32 --repeats 2 --gammas 2-5 \
+      --no-transformers --no-check
     ;;
   b8)  # the olmo2 and qwen3 pairs at batch 8, in one call
     for family in olmo2 qwen3; do
