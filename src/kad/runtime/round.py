@@ -90,8 +90,9 @@ def decode_round(
 
     ``width``: as in `Runner.forward`; ``live``: per model, the batch rows whose outputs matter
     (None: every row; runners may skip the others); ``work``: the formulas to compute, which
-    must cover every row's rule, loss and warp (`Work.of` the batch's requests); ``beside``: a CUDA stream for the proxy's last step;
-    ``uniforms``: `counter_uniform` or its compiled form (the same values)."""
+    must cover every row's rule, loss and warp (`Work.of` the batch's rows); ``beside``: a CUDA
+    stream for the proxy's last step; ``uniforms``: `counter_uniform` or its compiled form (the
+    same values)."""
     base, proxy = runners["base"], runners["proxy"]
     proxy_base = runners.get("proxy_base")
     agree = getattr(base, "agree", None)  # tensor parallelism: rank 0's values (module doc)
