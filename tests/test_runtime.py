@@ -209,13 +209,13 @@ def test_bucketed_prefill_and_a_prefill_delay_keep_every_row_the_same(tiny_dirs,
 
 def test_capture_takes_every_batch_bucket_width_and_prefill_bucket(tiny_dirs, monkeypatch):
     """What `Runtime.capture` captures on a GPU (the capture itself stubbed out here): every
-    round of each batch bucket × γ × width bucket of the context, and each runner's prefill
-    buckets, with progress after each."""
+    round of each batch bucket × γ × width bucket of the context × work (with the proxy's base
+    for a rule that reads it), and each runner's prefill buckets, with progress after each."""
     from kad.fast.runner import StaticRunner, fit_width, width_buckets
     from kad.runtime.scheduler import bucket
 
     aligner = kad.Aligner.from_pretrained(
-        tiny_dirs.base, tiny_dirs.proxy, max_rows=5, max_context=1024
+        tiny_dirs.base, tiny_dirs.proxy, tiny_dirs.proxy_base, max_rows=5, max_context=1024
     )
     runtime = aligner.runtime
     wide = {role: 1024 for role in runtime.plan.contexts}  # widths 256 and 1024 (tiny models
@@ -225,20 +225,28 @@ def test_capture_takes_every_batch_bucket_width_and_prefill_bucket(tiny_dirs, mo
     monkeypatch.setattr(
         runtime,
         "_graph",
-        lambda batch, gamma, runners, width, work: rounds.append((batch, gamma, width, work)),
+        lambda batch, gamma, runners, width, work: rounds.append(
+            (batch, gamma, width, work, "proxy_base" in runners)
+        ),
     )
     monkeypatch.setattr(StaticRunner, "prefill_buckets", lambda self: [(1, 16, 256), (2, 32, 1024)])
     monkeypatch.setattr(StaticRunner, "prefill_graph", lambda self, *key: prefills.append(key))
-    works = [Work.of([kad.Dual()], [kad.Warp()]), ALL]
+    # the proxy's base (GPT-2 here) runs on transformers' forward: no prefill graphs
+    monkeypatch.setattr(TransformersRunner, "prefill_buckets", lambda self: [], raising=False)
+    reward = Work.of([kad.ImplicitReward()], [kad.Warp()])
+    works = [Work.of([kad.Dual()], [kad.Warp()]), reward, ALL]
     runtime.capture([0, 3], lambda done, total: progress.append((done, total)), works)
     widths = width_buckets(runtime.context)
     assert widths == [256, 1024]
     assert (width_buckets(4096), width_buckets(512)) == ([256, 1024, 4096], [512])
     assert (fit_width(4096, 300), fit_width(4096, 256), fit_width(4096, 5000)) == (1024, 256, 4096)
     batches = sorted({bucket(b, 5) for b in range(1, 6)})
-    want = [(b, g, w, k) for b in batches for g in (0, 3) for w in widths for k in works]
+    want = [
+        (b, g, w, k, k == reward) for b in batches for g in (0, 3) for w in widths for k in works
+    ]
     assert sorted(rounds, key=str) == sorted(want, key=str)
-    assert len(prefills) == 2 * len(runtime.runners)
+    static = [r for r in runtime.runners.values() if isinstance(r, StaticRunner)]
+    assert len(static) == 2 and len(prefills) == 2 * len(static)
     total = len(rounds) + len(prefills)
     assert progress == [(i, total) for i in range(1, total + 1)]
 

@@ -36,7 +36,7 @@ from typing import NamedTuple
 
 import torch
 
-from kad.rules import Rule, mix_rows, spec_of
+from kad.rules import RULES, Rule, mix_rows, spec_of
 from kad.runtime.pool import SlotTable
 from kad.runtime.runner import Runner
 from kad.sampling import Warp, counter_uniform, sample_inverse_cdf, warp_rows
@@ -68,6 +68,12 @@ class Work(NamedTuple):
         if len(kinds) != 1:
             return cls(None, None, cut, temper)
         return cls(tuple(kinds), tuple(sorted(losses)) or None, cut, temper)
+
+    @property
+    def needs_proxy_base(self) -> bool:
+        """Whether the named rules read the proxy's base (every-rule work: not assumed)."""
+        kinds = self.kinds or ()
+        return any(spec.needs_proxy_base for spec in RULES.values() if spec.kind in kinds)
 
 
 ALL = Work(None, None, True, True)  # every formula, the cut and the softmax: any batch

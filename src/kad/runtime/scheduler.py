@@ -330,12 +330,13 @@ class Runtime:
         works: Seq[Work] = (ALL,),
     ) -> int:
         """Capture the rounds of every batch bucket and width for these draft lengths and
-        `Work`s (e.g. ``Work.of`` a server's default request), and every prefill bucket, now
-        (at start-up) rather than on first use; returns how many graphs exist.
+        `Work`s (e.g. ``Work.of`` a server's default request; with the proxy's base where their
+        rules read it), and every prefill bucket, now (at start-up) rather than on first use;
+        returns how many graphs exist.
         ``progress(done, total)`` is called after each. A no-op off the GPU path."""
         if not self.graphed:
             return 0
-        runners = {r: x for r, x in self.runners.items() if r != "proxy_base"}
+        plain = {r: x for r, x in self.runners.items() if r != "proxy_base"}
         batches = sorted({bucket(b, self.rows) for b in range(1, self.rows + 1)})
         widths = width_buckets(self.context)
         prefills: list[Callable[[], object]] = [
@@ -344,7 +345,14 @@ class Runtime:
             for key in runner.prefill_buckets()  # type: ignore[attr-defined]
         ]
         captures = prefills + [
-            functools.partial(self._graph, batch, gamma, runners, width, work)
+            functools.partial(
+                self._graph,
+                batch,
+                gamma,
+                self.runners if work.needs_proxy_base else plain,
+                width,
+                work,
+            )
             for work in works
             for gamma in gammas
             for batch in batches
