@@ -14,7 +14,7 @@ import kad
 from kad.bench import bench_command
 from kad.bench.check import agreement, float32_check
 from kad.bench.command import parse_ints
-from kad.bench.loading import random_prompts, runtime_for
+from kad.bench.loading import chat_prompts, random_prompts, runtime_for
 from kad.bench.measure import decision_seconds, decode_alone, time_runtime
 from kad.bench.run import BenchConfig, run_bench
 from kad.fast import StaticRunner, unsupported_reason
@@ -226,17 +226,22 @@ def test_bench_command_prints_json(tiny_dirs, tmp_path):
     out = tmp_path / "bench.json"
     args = [str(tiny_dirs.base), str(tiny_dirs.proxy), "--batch", "1", "--prompt-tokens", "4"]
     args += ["--new-tokens", "3", "--gammas", "1", "--assisted-gammas", "1", "--repeats", "1"]
+    args += ["--acceptance-tokens", "2"]
     args += ["--device", "cpu", "--no-transformers", "--no-check", "--json", "--out", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     printed = json.loads(result.output[result.output.index("{") :])
     assert printed["batches"][0]["batch"] == 1
+    prompts = len(chat_prompts())  # acceptance on the real pair: 2 tokens a prompt at most
+    assert all(0 < a["tokens"] <= 2 * prompts for a in printed["acceptance"])
     assert json.loads(out.read_text())["batches"] == printed["batches"]
     assert "] B=1: base alone" in result.output  # no terminal: a line per step
     tables = CliRunner().invoke(app, args[:-3])
     assert tables.exit_code == 0 and "decode tokens/s" in tables.output, tables.output
     bad = CliRunner().invoke(app, ["--random-init", "llama3-8b", "--batch", "0"])
     assert bad.exit_code != 0
+    bad = CliRunner().invoke(app, ["--random-init", "llama3-8b", "--acceptance-tokens", "0"])
+    assert bad.exit_code != 0 and "acceptance tokens" in str(bad.exception or bad.output)
 
 
 def test_timing_the_runtime_and_one_model(tiny_aligner):

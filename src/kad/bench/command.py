@@ -118,6 +118,10 @@ def bench_command(
             "--acceptance", help="Only measure acceptance on the real pairs found offline."
         ),
     ] = False,
+    acceptance_tokens: Annotated[
+        int,
+        typer.Option(help="Tokens per prompt when measuring acceptance on real models."),
+    ] = 128,
     profile: Annotated[
         bool, typer.Option("--profile", help="Kernel time profile of a plain KAD round.")
     ] = False,
@@ -138,8 +142,8 @@ def bench_command(
     transformers, on real models or random-weight presets.
 
     The transformers peers: eager and static-cache compiled generate, assisted generation."""
-    if repeats < 1 or prompt_tokens < 2 or new_tokens < 2:
-        raise KadError("repeats must be >= 1, prompt and new tokens >= 2")
+    if repeats < 1 or prompt_tokens < 2 or new_tokens < 2 or acceptance_tokens < 1:
+        raise KadError("repeats and acceptance tokens must be >= 1, prompt and new tokens >= 2")
     config = BenchConfig(
         base=base,
         proxy=proxy,
@@ -154,6 +158,7 @@ def bench_command(
         dtype=dtype,
         transformers=transformers_baselines,
         check=check,
+        acceptance_tokens=acceptance_tokens,
         profile=profile,
         quantize=quantize_of(quantize_base, quantize_proxy),
     )

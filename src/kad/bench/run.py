@@ -340,6 +340,7 @@ def measure_acceptance(
                     "rule": rule.name,
                     "gamma": gamma,
                     "acceptance": accepted / drafted if drafted else None,
+                    "tokens": sum(g.stats.tokens for g in gens),
                     "tokens_per_base_forward": sum(g.stats.tokens for g in gens) / forwards,
                 }
             )
