@@ -255,9 +255,10 @@ def test_graphed_rounds_compute_their_batchs_work_and_give_each_row_its_tokens(
     tiny_dirs, monkeypatch
 ):
     """The GPU's round graphs (a batch bucket's round keyed by its `Work`), replayed eagerly here:
-    a batch of one rule computes only that rule's formula, its rows' losses and the cut only when
-    a row cuts; a batch of mixed rules computes every formula; every row's tokens equal its own
-    run alone, greedy and seeded sampled, plain and speculative."""
+    a batch of one rule computes only that rule's formula for its rows' losses, the cut and the
+    temperature's softmax only when a row needs them; a batch of mixed rules computes every
+    formula; every row's tokens equal its own run alone, greedy and seeded sampled, plain and
+    speculative."""
     aligner = kad.Aligner.from_pretrained(
         tiny_dirs.base, tiny_dirs.proxy, tiny_dirs.proxy_base, max_rows=8
     )
