@@ -107,6 +107,7 @@ class Runtime:
         self.prefill_group = PREFILL_GROUP
         self.rounds = 0  # rounds decoded so far
         self.row_rounds = 0  # rows decoded, summed over rounds (÷ rounds: the mean batch)
+        self._work: tuple[tuple[int, ...], Work] = ((), ALL)  # the running rows' ids, their Work
         self.prefills = 0  # iterations that cached prompt tokens
         self.slots: list[Sequence | None] = [None] * rows  # occupied slots are 0..used-1
         self.waiting: deque[Sequence] = deque()
@@ -276,7 +277,7 @@ class Runtime:
         # past the width is clamped to its last column, which must not hold a cached token).
         occupied = [s for s in self.slots if s is not None]
         width = max(max(s.cached.values()) for s in occupied) + gamma + 1
-        work = Work.of([s.request.rule for s in running], [s.request.warp for s in running])
+        work = self._work_of(running)
         if self.graphed:
             batch = bucket(used, self.rows)
             width = fit_width(self.context, width)
@@ -309,6 +310,14 @@ class Runtime:
             if seq.finish_reason is not None:
                 self._release(seq)
         return events
+
+    def _work_of(self, running: list[Sequence]) -> Work:
+        """`Work.of` the running rows, recomputed only when they change (not every round)."""
+        ids = tuple(s.id for s in running)
+        if ids != self._work[0]:
+            requests = [s.request for s in running]
+            self._work = (ids, Work.of([r.rule for r in requests], [r.warp for r in requests]))
+        return self._work[1]
 
     def _update_auto(self, gamma: int, batch: int, accepted: list[int]) -> None:
         """Feed auto γ the round's acceptance and the cost ratio of a proxy step to a verify."""
