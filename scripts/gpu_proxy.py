@@ -3,6 +3,8 @@ item 2): the proxy alone at batch 1, greedy, compiled and graph-captured, as tok
 its roofline, with a kernel profile of the captured step, for each variant:
 
 - ``current``: the compact forward as it is (`kad.fast.llama`, `kad.fast.graphs`);
+- ``matmul-attention``: attention as two matrix products around a fused softmax over the width
+  bucket (`kad.fast.llama.attend`), as before the split-context kernel (2026-12-02, issue 13);
 - ``eager``: the same step captured without Inductor (what compiling the layer buys);
 - ``coordinate-descent``: Inductor's coordinate-descent tuning of its Triton kernels (gpt-fast);
 - ``sdpa``: attention by ``F.scaled_dot_product_attention`` (GQA, boolean mask) instead of two
@@ -27,7 +29,7 @@ import sys
 import time
 from pathlib import Path
 
-VARIANTS = ("current", "sdpa", "coordinate-descent", "eager", "max-autotune")
+VARIANTS = ("current", "matmul-attention", "sdpa", "coordinate-descent", "eager", "max-autotune")
 PROMPT, NEW, REPEATS = 512, 128, 3
 
 
@@ -53,10 +55,12 @@ def one(variant: str, preset: str) -> dict:
     if variant == "max-autotune":
         torch._inductor.config.max_autotune_gemm = True
         torch._inductor.config.max_autotune_gemm_backends = "TRITON,ATEN"
-    if variant == "sdpa":
+    if variant in ("sdpa", "matmul-attention"):
         import kad.fast.llama
 
-        kad.fast.llama.attend = sdpa_attend
+        kad.fast.llama.DECODE_TOKENS = 0  # no step takes the decode kernel
+        if variant == "sdpa":
+            kad.fast.llama.attend = sdpa_attend
 
     from kad.bench.loading import random_prompts
     from kad.bench.measure import decode_alone, kernel_profile

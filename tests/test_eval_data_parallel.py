@@ -62,13 +62,15 @@ def kad(args: list[str], env: dict[str, str] | None = None, torchrun: bool = Fal
 
 
 def same_up_to_rounding(got: Any, want: Any) -> bool:
-    """Equal, floats to float32 rounding: a batch of other rows sums in another order."""
+    """Equal, floats to float32 rounding: a batch of other rows sums in another order (1e-4
+    relative: a mean of total variations, sums of differences over the vocabulary, moved by
+    1.5e-5 on one CPU; the tokens themselves are compared exactly)."""
     if isinstance(want, dict):
         return got.keys() == want.keys() and all(same_up_to_rounding(got[k], want[k]) for k in want)
     if isinstance(want, list):
         return len(got) == len(want) and all(map(same_up_to_rounding, got, want))
     if isinstance(want, float) and isinstance(got, float):
-        return got == pytest.approx(want, rel=1e-5, abs=1e-7)
+        return got == pytest.approx(want, rel=1e-4, abs=1e-7)
     return got == want
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from kad.fast.llama import layer_forward
+from kad.runtime.runner import log_probs
 from kad.sampling import counter_uniform
 
 _COMPILED: dict[str, Callable] = {}
@@ -78,6 +79,22 @@ def compiled_layer() -> Callable:
                 setattr(config, name, max(getattr(config, name), 256))
         _COMPILED["layer"] = torch.compile(layer_forward, dynamic=None, fullgraph=True)
     return _COMPILED["layer"]
+
+
+def compiled_log_probs() -> Callable:
+    """`kad.runtime.runner.log_probs` compiled by Inductor (eager, its NaN guards and the
+    log-softmax over the vocabulary are seven kernels, the softmax one thread block per row);
+    the leading dimensions (batch, tokens) are dynamic: callers mark them (`mark_rows_dynamic`)."""
+    if "log_probs" not in _COMPILED:
+        _COMPILED["log_probs"] = torch.compile(log_probs, dynamic=None, fullgraph=True)
+    return _COMPILED["log_probs"]
+
+
+def mark_rows_dynamic(logits: torch.Tensor) -> torch.Tensor:
+    """Mark every dimension of ``logits`` but the last (the vocabulary) dynamic."""
+    for dim in range(logits.dim() - 1):
+        torch._dynamo.maybe_mark_dynamic(logits, dim)
+    return logits
 
 
 def compiled_uniforms() -> Callable:

@@ -35,6 +35,9 @@ from kad.errors import KadError
 from kad.fast.quant import QuantizedLinear, QuantLinear, quantized_linear
 
 SUPPORTED_TYPES: tuple[str, ...] = ("llama", "qwen2", "qwen3", "olmo2")
+# A step of at most this many tokens a row is decode-sized: it runs the compiled layer, and on
+# CUDA attends by the split-context kernel of `kad.fast.triton_attention`.
+DECODE_TOKENS = 16
 # RoPE variants whose tables depend on the position only (not on the sequence length).
 STATIC_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3", "yarn")
 
@@ -272,7 +275,10 @@ def layer_forward(
     row's columns ``cols`` ``[B, n]`` (in place, on the whole pool tensor: a compiled step then
     writes only those columns), then attends over the first W columns of its rows that ``mask``
     ``[B, 1, 1, n, W]`` shows (rows start..start+B−1 are read as views, ``slots`` gathered).
-    cos/sin ``[B, 1, n, D]`` are the RoPE tables at each token's position.
+    ``cols`` are the tokens' positions clamped to W − 1, so query (b, i) sees the columns ≤ cols[b,
+    i]: a decode-sized step on CUDA attends by that rule straight from the pool (no mask, no
+    views; `kad.fast.triton_attention`). cos/sin ``[B, 1, n, D]`` are the RoPE tables at each
+    token's position.
     ``group``: tensor parallelism (`kad.parallel`): ``w`` holds this rank's heads and MLP
     columns, and the outputs of o and down are summed over the group (one all-reduce each).
     """
@@ -297,14 +303,18 @@ def layer_forward(
         rows = slots.unsqueeze(-1)
     k_cache[rows, :, cols] = k.transpose(1, 2)  # [B, n, Hkv, D] at (row, column)
     v_cache[rows, :, cols] = v
-    width = mask.shape[-1]
-    if slots is None:
-        k_rows = k_cache[start : start + batch, :, :width]  # [B, Hkv, W, D] views
-        v_rows = v_cache[start : start + batch, :, :width]
+    if q.is_cuda and n <= DECODE_TOKENS:  # cols: each query's last visible column
+        attended = torch.ops.kad.decode_attention(q, k_cache, v_cache, rows[:, 0], cols)
     else:
-        k_rows = k_cache[slots, :, :width]  # [B, Hkv, W, D] gathered
-        v_rows = v_cache[slots, :, :width]
-    attn = summed(linear(attend(q, k_rows, v_rows, mask), w.o), group)
+        width = mask.shape[-1]
+        if slots is None:
+            k_rows = k_cache[start : start + batch, :, :width]  # [B, Hkv, W, D] views
+            v_rows = v_cache[start : start + batch, :, :width]
+        else:
+            k_rows = k_cache[slots, :, :width]  # [B, Hkv, W, D] gathered
+            v_rows = v_cache[slots, :, :width]
+        attended = attend(q, k_rows, v_rows, mask)
+    attn = summed(linear(attended, w.o), group)
     if arch.post_norm:
         x = x + rms_norm(attn, w.norm_attn, eps, wf)
         return x + rms_norm(swiglu(x, w, group), w.norm_mlp, eps, wf)

@@ -31,8 +31,16 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from kad.fast.graphs import Graph, compiled_layer, mark_step_dynamic, seconds, static_shapes
-from kad.fast.llama import LlamaFamily, layer_forward, rms_norm
+from kad.fast.graphs import (
+    Graph,
+    compiled_layer,
+    compiled_log_probs,
+    mark_rows_dynamic,
+    mark_step_dynamic,
+    seconds,
+    static_shapes,
+)
+from kad.fast.llama import DECODE_TOKENS, LlamaFamily, layer_forward, rms_norm
 from kad.runtime.runner import log_probs, prefill_in_runs
 
 PREFILL_ROWS = (1, 2, 3, 4, 6, 8)
@@ -63,6 +71,8 @@ class StaticRunner:
         self.net = LlamaFamily(model, vocab_size) if net is None else net
         self.vocab_size = vocab_size
         self.device = self.net.device
+        if self.device.type == "cuda":
+            from kad.fast import triton_attention  # noqa: F401  (registers kad::decode_attention)
         self.graphable = self.device.type == "cuda" if graphs is None else graphs
         if compile is None:
             compile = self.graphable and os.environ.get("KAD_COMPILE", "1") != "0"
@@ -99,7 +109,11 @@ class StaticRunner:
             return None
         arch = self.net.arch
         x = rms_norm(x, self.net.norm, arch.eps, arch.weight_first)
-        return log_probs(F.linear(x, self.net.head))
+        logits = F.linear(x, self.net.head)  # [B, n, V]
+        if self.compiled and tokens.shape[1] <= DECODE_TOKENS:
+            with static_shapes():
+                return compiled_log_probs()(mark_rows_dynamic(logits))
+        return log_probs(logits)
 
     def _layers(
         self,
@@ -112,7 +126,7 @@ class StaticRunner:
     ) -> torch.Tensor:
         """The decoder layers over ``tokens`` ``[B, n]`` of rows whose lengths are ``lengths``
         ``[B]``: rows start.. or ``slots``; returns the last hidden states ``[B, n, E]``.
-        ``decode``: a step of a round, which runs the compiled layer (when n ≤ 16)."""
+        ``decode``: a step of a round, which runs the compiled layer (when n ≤ DECODE_TOKENS)."""
         n = tokens.shape[1]
         positions = lengths[:, None] + torch.arange(n, device=self.device)  # [B, n]
         cols = positions.clamp(max=width - 1)
@@ -121,7 +135,7 @@ class StaticRunner:
         mask = (self.columns[:width] <= positions.unsqueeze(-1))[:, None, None]  # [B,1,1,n,W]
         x = F.embedding(tokens.to(self.device), self.net.embed)  # [B, n, E]
         arch = self.net.arch
-        compiled = decode and n <= 16 and self.compiled
+        compiled = decode and n <= DECODE_TOKENS and self.compiled
         layer_fn = self.layer_fn if compiled else self.eager_layer
         with static_shapes():
             for layer, k, v in zip(self.net.layers, self.k, self.v, strict=True):
