@@ -18,8 +18,8 @@ It computes what `kad.fast.llama.attend` computes for the few query tokens of a 
 
 Query i of row b sees the columns c ≤ cols[b, i] (its position, clamped to the width: exactly
 the mask ``attend`` is given). Head dims that are not a power of two are padded to one in
-registers (tiles of at least 16). Float32 inputs
-multiply in IEEE float32 (not TF32), so the float32 GPU check covers the kernel. Imported by `kad.fast.runner.StaticRunner` on a CUDA device.
+registers (tiles of at least 16). Float32 inputs multiply in IEEE float32 (not TF32), so the
+float32 GPU check covers the kernel. Imported by `kad.fast.runner.StaticRunner` on a CUDA device.
 """
 
 from __future__ import annotations
@@ -29,6 +29,13 @@ import triton
 import triton.language as tl
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _out_offset(b, kv_head, m, n, heads, GROUP: tl.constexpr, D: tl.constexpr):
+    """Where query row m of (row b, KV head) starts in out ``[B, n, H·D]``: head kv_head·G +
+    m // n, token m % n."""
+    return (b * n + m % n) * (heads * D) + (kv_head * GROUP + m // n) * D
 
 
 @triton.jit
@@ -101,7 +108,7 @@ def _split_kernel(
     seen = total > 0
     o = acc / tl.where(seen, total, 1.0)[:, None]
     if SPLITS == 1:  # the whole context in one part: the output itself
-        out = out_ptr + (b * n + token) * (heads * D) + head * D  # [BM]
+        out = out_ptr + _out_offset(b, kv_head, m, n, heads, GROUP, D)  # [BM]
         written = real[:, None] & dims[None, :]
         tl.store(out[:, None] + d[None, :], o.to(out_ptr.dtype.element_ty), mask=written)
     else:
@@ -125,7 +132,7 @@ def _combine_kernel(
 ):
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
-    m = tl.program_id(2)  # one query row: head kv_head·G + m // n, token m % n
+    m = tl.program_id(2)  # one query row (`_out_offset`)
     s = tl.arange(0, SPLITS)
     d = tl.arange(0, BLOCK_D)
     dims = d < D
@@ -138,18 +145,17 @@ def _combine_kernel(
         other=0.0,
     )  # [SPLITS, BD]
     acc = tl.sum(weight[:, None] * o, axis=0) / tl.sum(weight, axis=0)  # [D]
-    head = kv_head * GROUP + m // n
-    out = out_ptr + (b * n + m % n) * (heads * D) + head * D + d
+    out = out_ptr + _out_offset(b, kv_head, m, n, heads, GROUP, D) + d
     tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=dims)
 
 
-def _splits(batch: int, kv_heads: int, used: int, block_n: int, device: torch.device) -> int:
-    """Parts of the context per (row, KV head): enough programs for two per SM, a power of two,
-    no more than the width's blocks."""
+def _splits(batch: int, kv_heads: int, columns: int, block_n: int, device: torch.device) -> int:
+    """Parts of the context per (row, KV head): enough programs for two per SM (a CPU, under
+    Triton's interpreter, counts as 4), a power of two, no more than the pool's column blocks."""
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 4
     want = triton.next_power_of_2(triton.cdiv(2 * sms, batch * kv_heads))
-    return max(1, min(want, triton.next_power_of_2(triton.cdiv(used, block_n)), 64))
+    return max(1, min(want, triton.next_power_of_2(triton.cdiv(columns, block_n)), 64))
 
 
 @torch.library.custom_op("kad::decode_attention", mutates_args=())
@@ -157,9 +163,9 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, rows: torch.Tensor,
     cols: torch.Tensor,
 ) -> torch.Tensor:  # fmt: skip
-    """q ``[B, H, n, D]``; k_cache, v_cache ``[R, Hkv, S, D]`` (the same strides, D contiguous); rows ``[B]`` the pool
-    row of each batch row; cols ``[B, n]`` each query's last visible column (< S) → ``[B, n,
-    H·D]`` in q's dtype (module doc)."""
+    """q ``[B, H, n, D]``; k_cache, v_cache ``[R, Hkv, S, D]`` (the same strides, D contiguous);
+    rows ``[B]`` the pool row of each batch row; cols ``[B, n]`` each query's last visible column
+    (< S) → ``[B, n, H·D]`` in q's dtype (module doc)."""
     batch, heads, n, dim = q.shape
     kv_heads = k_cache.shape[1]
     if q.stride(-1) != 1:
