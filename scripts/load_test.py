@@ -6,10 +6,11 @@ then drives it with the official `openai` async client, streaming, and reports c
 tokens/s, time to first token (p50/p99) and whole-request latency (p50/p99). Each request's
 max_tokens is drawn uniformly from [--min-tokens, --max-tokens]; --mixed gives each request its
 own λ ∈ {0.3, 0.4, 0.5} and temperature ∈ {0, 0.8}; --modes runs several loads on one server
-(mixed, equal: λ 0.4 and greedy for all, auto: equal with ``kad.speculative: "auto"``). --static
-also decodes one static batch of
+(mixed, equal: λ 0.4 and greedy for all, auto: equal with ``kad.speculative: "auto"``). "rules" gives each request its own rule (dual, primal, proxy-referenced or nudging) and
+either greedy decoding or T = 0.8 with top_p = 0.9. --static also decodes one static batch of
 --clients rows × the mean max_tokens with the same runtime (`Aligner.generate`), the reference
-of the continuous-batching target.
+of the continuous-batching target. --profile splits the worker thread's time per round (admit,
+prefill, decode, the rest) with the GPU's busy time in each (CUDA events).
 
     python scripts/load_test.py --random-init llama3-8b --clients 64 --requests 512 \\
         --min-tokens 32 --max-tokens 256 --max-rows 64 --max-context 512 \\
@@ -38,6 +39,8 @@ import openai
 import torch
 import uvicorn
 
+import kad.fast.runner
+
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -54,7 +57,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--endpoint", choices=["chat", "completions"], default="completions")
     parser.add_argument("--speculative", default=None, help="γ or 'auto' (default off)")
     parser.add_argument("--mixed", action="store_true", help="each request its own λ and T")
-    parser.add_argument("--modes", help="comma-separated loads on one server: mixed,equal,auto")
+    parser.add_argument(
+        "--modes", help="comma-separated loads on one server: mixed,equal,rules,auto"
+    )
+    parser.add_argument("--profile", action="store_true", help="split the worker's time")
     parser.add_argument("--static", action="store_true", help="also time a static batch")
     parser.add_argument(
         "--client-procs", type=int, default=1, help="processes the clients run in (GIL apart)"
@@ -64,6 +70,13 @@ def parse_args() -> argparse.Namespace:
         "--prefill-delays",
         default="0",
         help="comma-separated runtime prefill_delay values; every mode runs under each",
+    )
+    parser.add_argument(
+        "--variants",
+        default="1:16",
+        help="comma-separated OVERLAP:PIECE pairs, every mode runs under each: the runtime's "
+        "round overlap on (1) or off (0), and kad.fast.runner.PREFILL_PIECE (a prefill piece's "
+        "tokens; 512: whole chunks)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     return parser.parse_args()
@@ -115,6 +128,34 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+RULES = (
+    {"rule": "dual", "lam": 0.4},
+    {"rule": "primal", "budget": 0.9},
+    {"rule": "proxy-referenced", "delta": 0.1},
+    {"rule": "nudging", "lam": 0.4},
+)
+
+
+def plan(rng: random.Random, mode: str, i: int, args: argparse.Namespace) -> dict[str, Any]:
+    """Request i's parameters under ``mode`` (module doc)."""
+    request: dict[str, Any] = {
+        "max_tokens": rng.randint(args.min_tokens, args.max_tokens),
+        "temperature": 0.0,
+        "seed": i,
+    }
+    kad: dict[str, Any] = {"lam": 0.4}
+    if mode == "mixed":
+        request["temperature"] = rng.choice((0.0, 0.8))
+        kad["lam"] = rng.choice((0.3, 0.4, 0.5))
+    elif mode == "rules":
+        kad = dict(rng.choice(RULES))
+        if rng.random() < 0.5:
+            request |= {"temperature": 0.8, "top_p": 0.9}
+    elif mode == "auto":
+        kad["speculative"] = "auto"
+    return request | {"extra_body": {"kad": kad}}
+
+
 async def drive(
     args: argparse.Namespace, url: str, count: int, mode: str = "equal", part: int = 0
 ) -> dict[str, Any]:
@@ -123,21 +164,7 @@ async def drive(
     client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=3600)
     questions = prompts(count)
     rng = random.Random(0)
-    mixed = mode == "mixed"
-    plans = [
-        {
-            "max_tokens": rng.randint(args.min_tokens, args.max_tokens),
-            "temperature": rng.choice((0.0, 0.8)) if mixed else 0.0,
-            "seed": i,
-            "extra_body": {
-                "kad": {
-                    "lam": rng.choice((0.3, 0.4, 0.5)) if mixed else 0.4,
-                    **({"speculative": "auto"} if mode == "auto" else {}),
-                }
-            },
-        }
-        for i in range(count)
-    ]
+    plans = [plan(rng, mode, i, args) for i in range(count)]
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(part, count, args.client_procs):
         queue.put_nowait(i)
@@ -251,10 +278,11 @@ def steady_rate(spans: list[tuple[int, float, float, int]]) -> dict[str, float]:
 
 
 def static_batch(args: argparse.Namespace, aligner: Any) -> dict[str, Any]:
-    """One static batch of ``clients`` rows × the mean max_tokens through the same runtime."""
+    """One static batch of ``clients`` rows × the mean max_tokens through the same runtime,
+    timed on its second run (the first captures the rounds of every width it reaches)."""
     tokens = (args.min_tokens + args.max_tokens) // 2
     questions = prompts(args.clients)
-    aligner.generate(questions, max_new_tokens=8)  # warm
+    aligner.generate(questions, max_new_tokens=tokens, speculative=None)  # warm
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -262,6 +290,79 @@ def static_batch(args: argparse.Namespace, aligner: Any) -> dict[str, Any]:
     wall = time.perf_counter() - start
     made = sum(len(g.token_ids) for g in out)
     return {"rows": args.clients, "tokens": made, "tokens_per_s": round(made / wall, 1)}
+
+
+class Profile:
+    """The worker thread's wall time per phase of `Runtime.step` (admit, prefill, decode) and
+    outside it (the worker's inbox and routing), with the GPU's busy time of each phase's graph
+    replays (CUDA events around every `Graph.replay`). Installed by patching the classes, so a
+    run without --profile is untouched; a prefill is followed by a synchronisation so that its
+    GPU time is not charged to the decode that follows."""
+
+    def __init__(self) -> None:
+        from kad.fast.graphs import Graph
+        from kad.runtime.scheduler import Runtime
+        from kad.serve.worker import Worker
+
+        self.wall: dict[str, float] = {}
+        self.gpu: dict[str, float] = {}
+        self.counts: dict[str, int] = {}
+        self.phase = "other"
+        self._events: list[tuple[str, Any, Any]] = []
+        for cls, name in (
+            (Runtime, "_admit"),
+            (Runtime, "_prefill"),
+            (Runtime, "_decode"),
+            (Worker, "_take_inbox"),
+            (Worker, "_route"),
+        ):
+            setattr(cls, name, self._timed(getattr(cls, name), name.strip("_")))
+        replay = Graph.replay
+
+        def timed_replay(graph: Any) -> Any:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            out = replay(graph)
+            end.record()
+            self._events.append((self.phase, start, end))
+            return out
+
+        Graph.replay = timed_replay
+
+    def _timed(self, method: Any, name: str) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            outer, self.phase = self.phase, name
+            begin = time.perf_counter()
+            try:
+                return method(*args, **kwargs)
+            finally:
+                if name == "prefill" and torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - begin
+                self.counts[name] = self.counts.get(name, 0) + 1
+                self.phase = outer
+                if name == "decode":
+                    self._collect()
+
+        return run
+
+    def _collect(self) -> None:
+        """Sum the replays' GPU times (after the decode's synchronisation)."""
+        for phase, start, end in self._events:
+            self.gpu[phase] = self.gpu.get(phase, 0.0) + start.elapsed_time(end) / 1e3
+        self._events.clear()
+
+    def reset(self) -> None:
+        self.wall, self.gpu, self.counts = {}, {}, {}
+
+    def summary(self, rounds: int) -> dict[str, Any]:
+        """Per decode round: ms of wall time and of GPU time of each phase, and the counts."""
+        per = max(rounds, 1) / 1e3
+        return {
+            "wall_ms_per_round": {k: round(v / per, 3) for k, v in self.wall.items()},
+            "gpu_ms_per_round": {k: round(v / per, 3) for k, v in self.gpu.items()},
+            "calls": dict(self.counts),
+        }
 
 
 def _counters(runtime: Any) -> tuple[int, int, int]:
@@ -285,6 +386,7 @@ def main() -> None:
         + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""),
     }
     server = thread = None
+    profile = Profile() if args.profile else None
     url = args.url
     if url is None:
         aligner = build_aligner(args)
@@ -295,24 +397,49 @@ def main() -> None:
         result["capture_s"] = round(time.perf_counter() - started, 1)
         if args.static:
             result["static"] = static_batch(args, aligner)
+            if (
+                any(v.startswith("0:") for v in args.variants.split(","))
+                and aligner.runtime.graphed
+            ):
+                aligner.runtime.pipelined = False
+                result["static_synchronous"] = static_batch(args, aligner)
+                aligner.runtime.pipelined = True
+            statics = {k: v for k, v in result.items() if k.startswith("static")}
+            print(json.dumps(statics), file=sys.stderr, flush=True)
         url, server, thread = start_server(args, aligner)
     result["runs"] = []
     runtime = aligner.runtime if args.url is None else None
     try:
-        for mode, delay in [(m, int(d)) for d in args.prefill_delays.split(",") for m in modes]:
+        loads = [
+            (m, int(d), v.split(":"))
+            for v in args.variants.split(",")
+            for d in args.prefill_delays.split(",")
+            for m in modes
+        ]
+        for mode, delay, (overlap, piece) in loads:
             if runtime is not None:
                 runtime.prefill_delay = delay
+                runtime.pipelined = overlap == "1" and runtime.graphed
+                kad.fast.runner.PREFILL_PIECE = int(piece)
             load(args, url, args.clients, mode)  # warm-up pass, not counted
             before = _counters(runtime)
+            if profile is not None:
+                profile.reset()
             run = load(args, url, args.requests, mode)
             if runtime is not None:
-                rounds, rows, prefills = (a - b for a, b in zip(_counters(runtime), before, strict=True))
+                rounds, rows, prefills = (
+                    a - b for a, b in zip(_counters(runtime), before, strict=True)
+                )
                 run |= {
                     "prefill_delay": delay,
+                    "pipelined": runtime.pipelined,
+                    "prefill_piece": kad.fast.runner.PREFILL_PIECE,
                     "rounds_per_s": round(rounds / run["wall_s"], 1),
                     "mean_rows": round(rows / max(rounds, 1), 1),
                     "prefills_per_round": round(prefills / max(rounds, 1), 3),
                 }
+                if profile is not None:
+                    run["profile"] = profile.summary(rounds)
             if "static" in result:
                 static = result["static"]["tokens_per_s"]
                 run["share_of_static"] = round(run["completion_tokens_per_s"] / static, 3)

@@ -71,7 +71,7 @@ def test_summarize_pools_scores_and_statistics() -> None:
     row = summarize("m", gens, problems)
     assert row.accuracy == pytest.approx(1 / 3)
     assert row.deferral_rate == pytest.approx((10 * 1.0 + 20 * 0.5) / 60)  # token-weighted
-    assert row.deferred_mass == pytest.approx(row.deferral_rate / 2)
+    assert row.mean_alpha == pytest.approx(row.deferral_rate / 2)
     assert row.acceptance == pytest.approx((7 + 11 + 9) / 30)
     assert row.tokens_per_base_forward == pytest.approx(60 / 30)
     plain = summarize("m", [fake("#### 5", 4, None)], problems[:1])
@@ -119,7 +119,8 @@ def test_demo_json_lists_every_method(capsys: pytest.CaptureFixture[str]) -> Non
     assert [r["method"] for r in report["rows"]] == [m for m, _ in METHODS]
     assert report["rows"] == [r.to_dict() for r in rows]
     for r in report["rows"]:
-        assert {"method", "accuracy", "deferral_rate", "acceptance"} <= set(r)
+        assert {"method", "accuracy", "deferral_rate", "mean_alpha", "acceptance"} <= set(r)
+        assert "deferred_mass" not in r  # one name for mean α, as in kad eval's summaries
         assert 0 <= r["accuracy"] <= 1 and r["problems"] == 4
 
 
@@ -130,15 +131,39 @@ def test_demo_table_examples_and_sweep_plot(
     monkeypatch.setattr(demo, "SWEEP_BUDGETS", (0.9,))
     plot = tmp_path / "sweep.png"
     rows = run_demo(sweep=str(plot), n=2)
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # stderr is no terminal here: a plain line as each method finishes, none repeated
+    progress = captured.err.splitlines()
+    assert len(progress) == len(METHODS) + 2  # the sweep's new points: dual, nudging λ=0.2
+    for number, (method, _) in enumerate(METHODS, 1):
+        line = f"kad demo, 2 problems: {number}/{len(METHODS)} methods, {method}: accuracy "
+        assert progress[number - 1].startswith(line)
+    assert progress[-1].startswith("kad demo, 2 problems, sweep: 2/2 methods, nudging λ=0.2:")
     assert all(isinstance(r, Row) for r in rows)
     for text in ("base (", "proxy (", "KAD dual λ=0.4 (", "KAD primal b=0.9", "λ and b sweep"):
         assert text in out
 
 
-def test_demo_rejects_bad_input() -> None:
+def test_demo_rejects_bad_input(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_loading() -> None:
+        raise AssertionError("the models loaded before the arguments were checked")
+
+    monkeypatch.setattr(demo, "load_world", no_loading)
     with pytest.raises(KadError, match="--n"):
         run_demo(n=0)
     with pytest.raises(KadError, match="png"):
         run_demo(sweep="plot.jpg", n=1)
+    with pytest.raises(KadError, match="the folder /nonexistent/dir does not exist"):
+        run_demo(sweep="/nonexistent/dir/s.png", n=1)
+    (tmp_path / "file").write_text("")
+    with pytest.raises(KadError, match="file is not a folder"):
+        run_demo(sweep=str(tmp_path / "file" / "s.png"), n=1)
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(KadError, match="is a folder"):
+        run_demo(sweep=str(tmp_path / "dir.png"), n=1)
+    with pytest.raises(KadError, match="cannot write there"):
+        run_demo(sweep="/proc/s.png", n=1)  # /proc takes no new files, even from root
+    assert demo.check_plot_path(str(tmp_path / "ok.png")) == tmp_path / "ok.png"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "file"]  # the try is gone

@@ -142,8 +142,10 @@ def test_prompts_give_each_model_its_own_rendering(name: str) -> None:
 def test_unknown_task_and_missing_data_are_clear_errors(tmp_path: Path) -> None:
     with pytest.raises(KadError, match="unknown task"):
         get_task("gsm9k")
-    with pytest.raises(KadError, match="does not exist"):
+    with pytest.raises(KadError, match=r"lacks gsm8k/test\.jsonl"):
         list(get_task("gsm8k").examples(tmp_path))
+    with pytest.raises(KadError, match="does not exist"):
+        list(get_task("gsm8k").examples(tmp_path / "none"))
 
 
 def test_toy_task_reads_the_builtin_world() -> None:

@@ -26,9 +26,10 @@ MIXED = [
 ]
 
 
-def run_sessions(aligner, plan):
+def run_sessions(aligner, plan, also: str | None = None):
     """Start sessions at the given steps and step until all are done: ``plan`` is a list of
-    (step to start at, start kwargs). Returns each session's token ids."""
+    (step to start at, start kwargs). Returns each session's token ids (with ``also``: pairs of
+    them and that field of each Generation)."""
     sessions, started, step = [None] * len(plan), 0, 0
     while started < len(plan) or not all(s.done for s in sessions):
         for i, (at, kwargs) in enumerate(plan):
@@ -39,6 +40,8 @@ def run_sessions(aligner, plan):
         if live:
             live[0].step()  # one runtime iteration steps every session
         step += 1
+    if also is not None:
+        return [[(g.token_ids, getattr(g, also)) for g in s.results()] for s in sessions]
     return [[g.token_ids for g in s.results()] for s in sessions]
 
 
@@ -308,3 +311,58 @@ def test_graphed_rounds_compute_their_batchs_work_and_give_each_row_its_tokens(
     assert Work.of([dual], [kad.Warp(1.0, top_p=0.9)]).cut
     assert Work.of([dual], [kad.Warp(0.7)]).temper and not Work.of([dual], [kad.Warp(0.7)]).cut
     assert Work.of([dual, kad.Primal(0.5)], [kad.Warp()]) == Work(None, None, False, False)
+
+
+@pytest.mark.parametrize("graphed", [False, True], ids=["eager", "graphed"])
+def test_a_pipelined_runtime_gives_every_row_the_tokens_of_the_synchronous_loop(
+    tiny_dirs, monkeypatch, graphed
+):
+    """Rounds launched before the round before is read (the GPU's overlap, run eagerly here;
+    "graphed": through the graphed branch, the graphs replayed eagerly): rows joining
+    mid-flight, finishing at their budgets, at a stop string or cancelled, more rows than slots
+    (so that slots move while a round is in flight), plain and γ = 3, get exactly the tokens of
+    the synchronous loop, and the pool ends clean."""
+    aligner = kad.Aligner.from_pretrained(tiny_dirs.base, tiny_dirs.proxy, max_rows=3)
+    runtime = aligner.runtime
+    if graphed:
+
+        def graph(batch, gamma, runners, width, work):
+            def round_():
+                return decode_round(runners, runtime.table, batch, gamma, width=width, work=work)
+
+            return type("Eager", (), {"replay": staticmethod(round_)})
+
+        monkeypatch.setattr(runtime, "graphed", True)
+        monkeypatch.setattr(runtime, "_graph", graph)
+    seeded = {"temperature": 0.9, "seed": [7, 8, 9]}
+
+    def plan(gamma):
+        return [
+            (0, {"prompts": PROMPTS, "max_new_tokens": [2, 12, 9], "speculative": gamma}),
+            (1, {"prompts": PROMPTS[1], "max_new_tokens": 9, "speculative": gamma}),
+            (2, {"prompts": PROMPTS[::-1], "max_new_tokens": 7, "speculative": gamma, **seeded}),
+            (4, {"prompts": PROMPTS[2], "max_new_tokens": 12, "stop": ["3"], "speculative": gamma}),
+        ]
+
+    for gamma in (None, 3):
+        monkeypatch.setattr(runtime, "pipelined", False)
+        synchronous = run_sessions(aligner, plan(gamma), "proxy_share")
+        monkeypatch.setattr(runtime, "pipelined", True)
+        pipelined = run_sessions(aligner, plan(gamma), "proxy_share")
+        assert [[t for t, _ in s] for s in pipelined] == [[t for t, _ in s] for s in synchronous]
+        for one, other in zip(pipelined, synchronous, strict=True):  # a cache entry lost
+            for (_, share), (_, want) in zip(one, other, strict=True):  # moves the shares
+                assert share == pytest.approx(want, rel=1e-3, abs=0), f"γ={gamma}"
+        runtime.step()  # read the round still in flight (its rows all finished)
+        assert runtime.idle and not bool(runtime.table.active.any())
+    session = aligner.start(PROMPTS, max_new_tokens=30)
+    for _ in range(3):
+        session.step()
+    session.cancel(1)  # while a round is in flight
+    while not session.done:
+        session.step()
+    results = session.results()
+    assert results[1].finish_reason == "cancelled"
+    monkeypatch.setattr(runtime, "pipelined", False)
+    for i in (0, 2):
+        assert results[i].token_ids == aligner.generate(PROMPTS[i], max_new_tokens=30)[0].token_ids

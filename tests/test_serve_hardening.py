@@ -284,6 +284,7 @@ def test_serve_command_speculative_0_is_off_and_passes_the_sizes(
         return tiny_aligner
 
     monkeypatch.setattr(command, "load_aligner", load)
+    monkeypatch.setattr(command, "check_port_free", lambda host, port: None)  # 8000 may be taken
     monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: served.update(app=app))
     command.serve_command(
         speculative="0", max_rows=3, max_context=128, memory_fraction=0.5, threads=1

@@ -157,7 +157,7 @@ class Aligner:
             raise KadError("quantize names the proxy_base, but no proxy_base is loaded")
         target = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, target)
-        from kad.parallel.group import check_model_divides, check_size, launch
+        from kad.parallel.group import check_model_shardable, check_size, launch
 
         n = check_size(tensor_parallel, target)
         if n > 1:
@@ -169,7 +169,7 @@ class Aligner:
                 raise KadError(
                     "tensor parallelism does not shard quantized models yet: drop quantize"
                 )
-            check_model_divides(base, n)
+            check_model_shardable(base, n)
             build = functools.partial(
                 _parallel_rank,
                 str(base),

@@ -48,17 +48,20 @@ from kad.options import (
     Speculative,
     Temperature,
     TensorParallelOpt,
+    TopK,
     TopP,
     load_aligner,
     quantize_of,
     with_rule_options,
 )
+from kad.textfiles import STDIN, parse_json, read_text, source_name
 
 err_console = Console(stderr=True)
 
 
 def exits_on_bad_input(command: Callable) -> Callable:
-    """Turn a KadError into its message on stderr and exit code 2."""
+    """Turn a KadError into its message on stderr and exit code 2 (or the error's own
+    ``exit_code``, e.g. 3 for a port in use)."""
 
     @wraps(command)
     def run(*args: Any, **kwargs: Any) -> Any:
@@ -66,7 +69,7 @@ def exits_on_bad_input(command: Callable) -> Callable:
             return command(*args, **kwargs)
         except KadError as err:
             err_console.print(f"[bold red]error:[/] {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
+            raise typer.Exit(getattr(err, "exit_code", 2)) from None
 
     return run
 
@@ -85,7 +88,7 @@ class LazyCommand:
         module, function = self.target.split(":")
         callback = getattr(importlib.import_module(module), function)
         single = typer.Typer(add_completion=False)
-        single.command(name, **self.settings)(exits_on_bad_input(callback))
+        single.command(name, **self.settings)(callback)
         return plain_metavars(typer.main.get_command(single))
 
 
@@ -122,7 +125,12 @@ def plain_metavars(command: click.Command) -> click.Command:
 
 class KadGroup(TyperGroup):
     """`kad`'s command group: `LAZY_COMMANDS` listed from their short help and imported only
-    when resolved; every command's help without typer's type labels."""
+    when resolved; every command's help without typer's type labels; a `KadError`, whether an
+    option's check raises it while the command line is parsed or the command while it runs,
+    exits through `exits_on_bad_input`."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        return exits_on_bad_input(super().invoke)(ctx)
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), *LAZY_COMMANDS})
@@ -163,11 +171,70 @@ def check_before_loading(rule: Any, has_proxy_base: bool, prompts: Sequence[str]
             raise KadError(f"prompt {i} is empty")
 
 
+def read_lines(source: str) -> list[str]:
+    """The lines of file ``source`` (``-``: stdin) as `read_text` decodes them, without their
+    line ends; its `KadError` for a missing file or bytes that are not UTF-8."""
+    return [line.removesuffix("\r") for line in read_text(source).split("\n")]
+
+
+def read_prompts_file(source: str) -> list[str]:
+    """The prompts of ``--prompts-file``: one per line (blank lines skipped), or for a ``.jsonl``
+    file one JSON object per line with a ``"prompt"`` string (as vLLM's and OpenAI's batch files
+    hold one request per line). ``-`` reads stdin, one prompt per line."""
+    name = source_name(source)
+    prompts = []
+    for number, line in enumerate(read_lines(source), 1):
+        if not line.strip():
+            continue
+        if not source.endswith(".jsonl"):
+            prompts.append(line)
+            continue
+        record = parse_json(line, source, number)
+        if not isinstance(record, dict) or not isinstance(record.get("prompt"), str):
+            raise KadError(f'{name} line {number} is not an object with a "prompt" string')
+        prompts.append(record["prompt"])
+    if not prompts:
+        raise KadError(f"{name} holds no prompts")
+    return prompts
+
+
+def gather_prompts(given: Sequence[str], prompts_file: str | None) -> list[str]:
+    """The prompts of `kad generate`: its arguments (``-``: all of stdin, one prompt), or the
+    lines of ``--prompts-file``; `KadError` for neither or both."""
+    if prompts_file is not None:
+        if given:
+            raise KadError("give prompts as arguments or with --prompts-file, not both")
+        return read_prompts_file(prompts_file)
+    if not given:
+        raise KadError("no prompt: give one or more, - to read one from stdin, or --prompts-file")
+    if list(given).count(STDIN) > 1:
+        raise KadError("- (stdin) can be given once")
+    return [read_stdin_prompt() if prompt == STDIN else prompt for prompt in given]
+
+
+def read_stdin_prompt() -> str:
+    """All of stdin as one prompt, without its final line end; `KadError` if it is empty."""
+    text = "\n".join(read_lines(STDIN)).rstrip("\n")
+    if not text.strip():
+        raise KadError("- reads the prompt from stdin, but stdin is empty")
+    return text
+
+
 @app.command()
-@exits_on_bad_input
 @with_rule_options
 def generate(
-    prompts: Annotated[list[str], typer.Argument(help="One or more prompts (user text).")],
+    prompts: Annotated[
+        list[str] | None,
+        typer.Argument(help="One or more prompts (user text); - reads one from stdin."),
+    ] = None,
+    prompts_file: Annotated[
+        str | None,
+        typer.Option(
+            "--prompts-file",
+            help="Read the prompts from this file (- for stdin): one per line, or a .jsonl "
+            'file of {"prompt": ...} objects.',
+        ),
+    ] = None,
     base: Base = None,
     proxy: Proxy = None,
     proxy_base: ProxyBase = None,
@@ -176,7 +243,7 @@ def generate(
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
-    top_k: Annotated[int, typer.Option(help="Keep the k most likely tokens (0: off).")] = 0,
+    top_k: TopK = 0,
     seed: Seed = None,
     stop: Annotated[list[str] | None, typer.Option(help="Stop string (repeatable).")] = None,
     speculative: Speculative = None,
@@ -200,8 +267,9 @@ def generate(
     from kad.rules import make_rule
     from kad.speculative import parse_speculative
 
+    texts = gather_prompts(prompts or [], prompts_file)
     rule_obj = make_rule(rule, **(rule_values or {}))
-    check_before_loading(rule_obj, proxy_base is not None or base is None, prompts)
+    check_before_loading(rule_obj, proxy_base is not None or base is None, texts)
     parse_speculative(speculative)
     aligner = load_aligner(
         base,
@@ -217,7 +285,7 @@ def generate(
         quantize=quantize_of(quantize_base, quantize_proxy),
     )
     outputs = aligner.generate(
-        prompts,
+        texts,
         rule=rule_obj,
         max_new_tokens=max_new_tokens,
         temperature=temperature,
@@ -228,13 +296,14 @@ def generate(
         speculative=speculative,
         progress=sys.stderr.isatty(),
     )
-    print_generations(aligner, prompts, outputs, as_json=as_json, show_deferral=show_deferral)
+    print_generations(aligner, texts, outputs, as_json=as_json, show_deferral=show_deferral)
     aligner.close()
 
 
 def print_generations(aligner, prompts, outputs, *, as_json: bool, show_deferral: bool) -> None:
-    """The texts (or tokens coloured by deferral); with ``as_json``, a JSON list with one object
-    per prompt, however many prompts: ``{"prompt", "text", "token_ids", ..., "stats"}``."""
+    """The texts verbatim (or tokens coloured by deferral), under a rule naming the prompt when
+    there are several; with ``as_json``, a JSON list with one object per prompt, however many
+    prompts: ``{"prompt", "text", "token_ids", "finish_reason", "proxy_share", "stats"}``."""
     from kad.display import DEFERRAL_LEGEND, deferral_text
 
     console = Console(highlight=False)
@@ -244,17 +313,17 @@ def print_generations(aligner, prompts, outputs, *, as_json: bool, show_deferral
         return
     for prompt, out in zip(prompts, outputs, strict=True):
         if len(prompts) > 1:
-            console.rule(prompt[:60], style="dim")
+            console.rule(" ".join(prompt.split())[:60], style="dim")
         if show_deferral:
-            console.print(deferral_text(aligner.tokenizer, out.token_ids, out.proxy_share))
+            text = deferral_text(aligner.tokenizer, out.token_ids, out.proxy_share)
+            console.print(text, soft_wrap=True)
         else:
-            console.print(out.text, markup=False)
+            print(out.text, flush=True)  # as generated: not wrapped at the terminal's width
     if show_deferral:
         err_console.print(DEFERRAL_LEGEND)
 
 
 @app.command()
-@exits_on_bad_input
 def demo(
     as_json: Annotated[bool, typer.Option("--json", help="Print the table as JSON.")] = False,
     sweep: Annotated[
@@ -268,9 +337,9 @@ def demo(
     run_demo(as_json=as_json, sweep=sweep, n=n)
 
 
-app.command("eval")(exits_on_bad_input(eval_command))
-app.command("sweep")(exits_on_bad_input(sweep_command))
-app.command("report")(exits_on_bad_input(report_command))
+app.command("eval")(eval_command)
+app.command("sweep")(sweep_command)
+app.command("report")(report_command)
 app.command("lm-eval", context_settings=LM_EVAL_CONTEXT, add_help_option=False)(lm_eval_command)
 
 

@@ -7,13 +7,16 @@ the ``#### <answer>`` line of each generation (exact match), and prints:
 
 - three generations of one problem (base alone, proxy alone, KAD dual), each token coloured by
   where its probability came from;
-- a table per rule: accuracy, deferral rate (share of steps with α > 0), deferred mass (mean α),
-  and, in speculative mode, the acceptance rate and tokens per base forward.
+- a table per rule: accuracy, deferral rate (share of steps with α > 0), mean α (the share of
+  the base's probability handed to the proxy), both token-weighted as `kad eval` pools them
+  (`kad.eval.runner.pooled_stats`), and, in speculative mode, the acceptance rate and tokens
+  per base forward.
 
 Decoding is speculative with draft length ``GAMMA``: greedy speculative decoding emits exactly
 the tokens of plain greedy decoding, so one pass gives both the accuracy of greedy decoding and
 the acceptance statistics. The table's speculative columns appear only when the generations carry
-them. Torch runs on one CPU thread for the demo (see `one_cpu_thread`).
+them. Torch runs on one CPU thread for the demo (see `one_cpu_thread`). Progress goes to stderr:
+a bar on a terminal, a line per method otherwise (`kad.progress.TaskProgress`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 from rich.text import Text
 from transformers.utils import logging as transformers_logging
@@ -34,7 +36,9 @@ from transformers.utils import logging as transformers_logging
 from kad.aligner import Aligner
 from kad.display import DEFERRAL_LEGEND, deferral_text
 from kad.errors import KadError
+from kad.eval.runner import pooled_stats
 from kad.outputs import Generation
+from kad.progress import TaskProgress
 from kad.rules import (
     BaseOnly,
     Dual,
@@ -68,8 +72,9 @@ class Row:
     """One rule's results over a set of problems.
 
     accuracy: share of generations whose ``#### <answer>`` line holds the answer.
-    deferral_rate: share of generated tokens whose step had α > 0; deferred_mass: mean α.
-    Both are token-weighted and None for rules without α (implicit reward).
+    deferral_rate: share of generated tokens whose step had α > 0; mean_alpha: mean α per
+    generated token. Both token-weighted over all the generations (`pooled_stats`, as in
+    `kad eval`'s summaries) and None for rules without α (implicit reward).
     acceptance: accepted drafts / drafted; tokens_per_base_forward: tokens / base forwards
     (None without speculative decoding).
     """
@@ -77,7 +82,7 @@ class Row:
     method: str
     accuracy: float
     deferral_rate: float | None
-    deferred_mass: float | None
+    mean_alpha: float | None
     acceptance: float | None
     tokens_per_base_forward: float | None
     problems: int
@@ -93,26 +98,15 @@ def summarize(
     if len(generations) != len(problems) or not problems:
         raise KadError(f"{len(generations)} generations for {len(problems)} problems")
     correct = [score(g.text, p["answer"]) for g, p in zip(generations, problems, strict=True)]
-    tokens = sum(g.stats.tokens for g in generations)
-
-    def token_weighted(field: str) -> float | None:
-        values = [(getattr(g.stats, field), g.stats.tokens) for g in generations]
-        if tokens == 0 or any(v is None for v, _ in values):
-            return None
-        return sum(v * n for v, n in values) / tokens
-
-    drafted = [g.stats.drafted for g in generations]
-    speculative = all(d is not None for d in drafted) and sum(drafted) > 0
-    forwards = sum(g.stats.base_forwards for g in generations)
+    pooled = pooled_stats([g.stats.to_dict() for g in generations])
+    speculative = pooled["acceptance"] is not None
     return Row(
         method=method,
         accuracy=sum(correct) / len(problems),
-        deferral_rate=token_weighted("deferral_rate"),
-        deferred_mass=token_weighted("mean_alpha"),
-        acceptance=sum(g.stats.accepted for g in generations) / sum(drafted)
-        if speculative
-        else None,
-        tokens_per_base_forward=tokens / forwards if speculative and forwards else None,
+        deferral_rate=pooled["deferral_rate"],
+        mean_alpha=pooled["mean_alpha"],
+        acceptance=pooled["acceptance"],
+        tokens_per_base_forward=pooled["tokens_per_base_forward"] if speculative else None,
         problems=len(problems),
     )
 
@@ -155,27 +149,18 @@ def run_methods(
     aligner: Aligner,
     problems: Sequence[dict[str, object]],
     methods: Sequence[tuple[str, Rule]],
-    console: Console,
+    title: str,
     progress: bool,
 ) -> tuple[list[Row], dict[str, list[Generation]]]:
-    """Evaluate every method, with a progress bar on ``console`` when ``progress``."""
+    """Evaluate every method; with ``progress``, on stderr: a bar on a terminal, else a line
+    as each method finishes (``kad demo: 3/8 methods, nudging λ=0.4: accuracy 0.438, 9 s``)."""
     rows, generations = [], {}
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=console,
-        transient=True,
-        disable=not progress,
-    ) as bar:
-        task = bar.add_task(f"{len(problems)} held-out problems", total=len(methods))
+    with TaskProgress(title, len(methods), unit="methods", enabled=progress, every_s=0) as bar:
         for method, rule in methods:
-            bar.update(task, description=method)
             row, gens = evaluate(aligner, problems, rule, method)
             rows.append(row)
             generations[method] = gens
-            bar.advance(task)
+            bar.update(len(rows), row.accuracy, detail=f"{method}:")
     return rows, generations
 
 
@@ -196,7 +181,7 @@ def render_table(rows: Sequence[Row], title: str, caption: str | None = None) ->
         table.add_column("tok/fwd", justify="right")
     for r in rows:
         cells = [r.method, _percent(r.accuracy), _percent(r.deferral_rate)]
-        cells.append("–" if r.deferred_mass is None else f"{r.deferred_mass:.3f}")
+        cells.append("–" if r.mean_alpha is None else f"{r.mean_alpha:.3f}")
         if speculative:
             cells.append(_percent(r.acceptance))
             tpf = r.tokens_per_base_forward
@@ -261,7 +246,7 @@ def plot_sweep(sweep: Sequence[tuple[Rule, Row]], reference: Sequence[Row], path
         )
         if not points:
             continue
-        by_alpha = sorted((row.deferred_mass, 100 * row.accuracy) for _, row in points)
+        by_alpha = sorted((row.mean_alpha, 100 * row.accuracy) for _, row in points)
         line = by_mass.plot(*zip(*by_alpha, strict=True), marker=marker)
         by_parameter.plot(
             [x for x, _ in points], [100 * row.accuracy for _, row in points], marker=marker,
@@ -297,28 +282,50 @@ def one_cpu_thread() -> Iterator[None]:
         torch.set_num_threads(threads)
 
 
+def check_plot_path(path: str) -> Path:
+    """``path`` as a place for a PNG plot: ends in .png, is no folder, and a file can be written
+    there (tried: created, then removed); else a `KadError` saying which."""
+    plot = Path(path).expanduser()
+    if plot.suffix.lower() != ".png":
+        raise KadError(f"--sweep takes a .png path, got {path!r}")
+    if plot.is_dir():
+        raise KadError(f"--sweep {path} is a folder: give a file name ending in .png")
+    if not plot.parent.is_dir():
+        what = "is not a folder" if plot.parent.exists() else "does not exist"
+        raise KadError(f"--sweep {path}: the folder {plot.parent} {what}")
+    existed = plot.exists()
+    try:
+        with plot.open("ab"):
+            pass
+    except OSError as err:
+        raise KadError(f"--sweep {path}: cannot write there ({err.strerror})") from None
+    if not existed:
+        plot.unlink()
+    return plot
+
+
 def run_demo(as_json: bool = False, sweep: str | None = None, n: int = 200) -> list[Row]:
-    """The demo: examples and table on the first n held-out test problems (see module doc)."""
+    """The demo: examples and table on the first n held-out test problems (see module doc).
+    Its arguments are checked before anything runs."""
     if n < 1:
         raise KadError(f"--n must be at least 1, got {n}")
-    if sweep is not None and not sweep.lower().endswith(".png"):
-        raise KadError(f"--sweep takes a .png path, got {sweep!r}")
+    plot = check_plot_path(sweep) if sweep is not None else None
     console = Console(highlight=False)
-    status = Console(stderr=True)
     problems = heldout_problems(n, "test")
     aligner = load_world()
+    shown = f"kad demo, {n} problems"  # what progress calls the runs
     with one_cpu_thread():
-        rows, generations = run_methods(aligner, problems, METHODS, status, not as_json)
+        rows, generations = run_methods(aligner, problems, METHODS, shown, not as_json)
         sweep_rows: list[Row] = []
-        if sweep is not None:
+        if plot is not None:
             methods = sweep_methods()
             done = {rule: row for (_, rule), row in zip(METHODS, rows, strict=True)}
             todo = [(label, rule) for label, rule in methods if rule not in done]
-            new_rows, _ = run_methods(aligner, problems, todo, status, not as_json)
+            new_rows, _ = run_methods(aligner, problems, todo, f"{shown}, sweep", not as_json)
             done |= {rule: row for (_, rule), row in zip(todo, new_rows, strict=True)}
             rules = [rule for _, rule in methods]
             sweep_rows = [done[rule] for rule in rules]
-            plot_sweep(list(zip(rules, sweep_rows, strict=True)), rows[:2], Path(sweep))
+            plot_sweep(list(zip(rules, sweep_rows, strict=True)), rows[:2], plot)
     if as_json:
         report: dict[str, object] = {"rows": [r.to_dict() for r in rows]}
         if sweep is not None:

@@ -64,6 +64,43 @@ def _looks_like_path(spec: str) -> bool:
     )
 
 
+def hub_options(repo_id: str) -> dict[str, Any]:
+    """``from_pretrained``'s options for a Hub id: ``local_files_only`` when the Hub does not
+    answer one request within HF_HUB_ETAG_TIMEOUT seconds (huggingface_hub would retry each file
+    with backoff, for minutes), so that a model in the local Hub cache loads at once, as with
+    HF_HUB_OFFLINE=1. A model that is not cached, offline or with the Hub silent, is a
+    `ModelNotFoundError` saying what to do."""
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+    from huggingface_hub.errors import HfHubHTTPError, HFValidationError
+
+    try:
+        cached = isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except HFValidationError as err:
+        raise ModelNotFoundError(f"model {repo_id!r}: no such path, nor a Hub id ({err})") from None
+    where = f"model {repo_id!r}: no such path, nor in the Hub cache {constants.HF_HUB_CACHE}"
+    if constants.HF_HUB_OFFLINE:
+        if not cached:
+            raise ModelNotFoundError(
+                f"{where}, and HF_HUB_OFFLINE=1 is set: download it once online "
+                f"(`hf download {repo_id}`), or give a local directory"
+            )
+        return {}
+    try:
+        get_hf_file_metadata(
+            hf_hub_url(repo_id, "config.json"), timeout=constants.HF_HUB_ETAG_TIMEOUT
+        )
+    except HfHubHTTPError:
+        return {}  # the Hub answered (no such repo, gated, ...): from_pretrained says what
+    except Exception as err:  # no answer: refused, timed out, no route, no name resolution
+        if cached:
+            return {"local_files_only": True}
+        raise ModelNotFoundError(
+            f"{where}, and the Hub ({constants.ENDPOINT}) does not answer ({err}): set "
+            "HF_HUB_OFFLINE=1 to load cached models only, or give a local directory"
+        ) from None
+    return {}
+
+
 def load_causal_lm(
     spec: str | os.PathLike,
     *,
@@ -71,7 +108,8 @@ def load_causal_lm(
     device: torch.device,
     device_map: str | dict | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
-    """Load a model and its tokenizer from a local directory, a GGUF file, or a Hub id."""
+    """Load a model and its tokenizer from a local directory, a GGUF file, or a Hub id (see
+    `hub_options`)."""
     spec = str(spec)
     path = Path(spec).expanduser()
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -89,8 +127,9 @@ def load_causal_lm(
     elif _looks_like_path(spec):
         raise ModelNotFoundError(f"model path {spec!r} does not exist")
     else:
-        source = spec  # a Hub id: only usable online or from the local Hub cache
-    tok_kwargs = {"gguf_file": kwargs["gguf_file"]} if "gguf_file" in kwargs else {}
+        source = spec
+        kwargs |= hub_options(spec)
+    tok_kwargs = {k: v for k, v in kwargs.items() if k in ("gguf_file", "local_files_only")}
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, **tok_kwargs)
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)

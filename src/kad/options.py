@@ -8,8 +8,9 @@ a command uses it as ``base: Base = None``.
 from __future__ import annotations
 
 import inspect
+import math
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from functools import wraps
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
@@ -66,14 +67,17 @@ def _default_text(p: Param) -> str:
     return f" (default {p.default:g})" if p.kind is float else f" (default {p.default})"
 
 
-def rule_option_help(name: str, grid: bool = False) -> str:
+def rule_option_help(name: str, grid: Mapping[str, Sequence[float]] | None = None) -> str:
     """The help of a rule parameter's option, from the help of each rule that takes it: e.g.
-    ``dual: threshold λ ... (default 0.4); nudging: ...``. With ``grid``: of the sweep's list."""
+    ``dual: threshold λ ... (default 0.4); nudging: ...``. With ``grid`` (the sweep's default
+    values by parameter): the help of the sweep's list, with its default values."""
     owners = rule_parameters()[name]
-    if grid:
+    if grid is not None:
         p = owners[0][1]
         rules = ", ".join(slug for slug, _ in owners)
-        return f"Comma-separated {p.symbol} values of {rules} (default: kad.eval.sweep's grid)."
+        values = grid.get(name)
+        default = f"default {','.join(f'{v:g}' for v in values)}" if values else "no default"
+        return f"Comma-separated {p.symbol} values of {rules} ({default})."
     texts: dict[str, list[str]] = {}  # rules that say the same share it
     for slug, p in owners:
         texts.setdefault(f"{p.help}{_default_text(p)}", []).append(slug)
@@ -86,13 +90,13 @@ def rule_option_help(name: str, grid: bool = False) -> str:
     return "; ".join(parts) + "."
 
 
-def rule_option(name: str, grid: bool = False) -> inspect.Parameter:
+def rule_option(name: str, grid: Mapping[str, Sequence[float]] | None = None) -> inspect.Parameter:
     """The typer option of one rule parameter (default None: the rule's own default); with
-    ``grid``, a float parameter's ``--<name>s`` list of the sweep."""
+    ``grid`` (the sweep's default values), a float parameter's ``--<name>s`` list of the sweep."""
     p = rule_parameters()[name][0][1]
     flag = "--" + name.replace("_", "-")
-    if grid and p.kind is float:
-        option = typer.Option(flag + "s", help=rule_option_help(name, grid=True))
+    if grid is not None and p.kind is float:
+        option = typer.Option(flag + "s", help=rule_option_help(name, grid))
         annotation: Any = Annotated[str | None, option]
     elif p.kind is bool:
         option = typer.Option(f"{flag}/--no-{flag[2:]}", help=rule_option_help(name))
@@ -104,12 +108,15 @@ def rule_option(name: str, grid: bool = False) -> inspect.Parameter:
     return inspect.Parameter(name, kind, default=None, annotation=annotation)
 
 
-def with_rule_options(command: Callable | None = None, *, grid: bool = False) -> Any:
+def with_rule_options(
+    command: Callable | None = None, *, grid: Mapping[str, Sequence[float]] | None = None
+) -> Any:
     """Give a command one option per parameter of the registry's rules in place of its
     ``rule_values`` argument, which receives them as a dict (None: not given); build the rule
-    with ``make_rule(rule, **rule_values)``. With ``grid`` (the sweep), float parameters take a
-    comma-separated list, ``--lams``, ``--budgets``, ``--deltas``... A rule registered later
-    gets its options in the commands decorated after it."""
+    with ``make_rule(rule, **rule_values)``. With ``grid`` (the sweep's default values by
+    parameter, which the help shows), float parameters take a comma-separated list,
+    ``--lams``, ``--budgets``, ``--deltas``... A rule registered later gets its options in the
+    commands decorated after it."""
 
     def decorate(command: Callable) -> Callable:
         hints = typing.get_type_hints(command, include_extras=True)
@@ -134,11 +141,108 @@ def with_rule_options(command: Callable | None = None, *, grid: bool = False) ->
     return decorate if command is None else decorate(command)
 
 
+# --- checks of option values: typer callbacks, run while the command line is parsed (before any
+# model loads); a `KadError` they raise reads ``error: ...`` with exit code 2 (`kad.cli`)
+Check = Callable[[Any, Any, Any], Any]
+
+
+def checked(valid: Callable[[Any], bool], wants: str) -> Check:
+    """A typer callback that refuses a value given that is not ``valid``: `KadError`
+    ``"--flag must be <wants>, got <value>"``. None (the option's default: auto) passes."""
+
+    def check(ctx: Any, param: Any, value: Any) -> Any:
+        if value is not None and not valid(value):
+            raise KadError(f"{param.opts[0]} must be {wants}, got {value}")
+        return value
+
+    return check
+
+
+def at_least(low: int) -> Check:
+    """A typer callback: the value (if given) must be >= ``low``."""
+    return checked(lambda value: value >= low, f">= {low}")
+
+
+def _seed_fits(seed: int) -> bool:
+    from kad.sampling import SEED_LIMIT  # torch: only once a seed is given
+
+    return 0 <= seed < SEED_LIMIT
+
+
+def check_device(ctx: Any, param: Any, value: str | None) -> str | None:
+    """A typer callback: a torch device string that names a device of this machine (``cuda``
+    needs a GPU, ``cuda:3`` four of them); ``auto`` (or nothing) is None, the best one here."""
+    if value is None or value == "auto":
+        return None
+    import torch
+
+    flag = param.opts[0]
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise KadError(f"{flag} {value!r} is not a device: use cpu, cuda, cuda:1 or auto") from None
+    if device.type == "cpu":
+        return value
+    backend = getattr(torch, device.type, None)
+    if not getattr(backend, "is_available", lambda: False)():
+        raise KadError(f"{flag} {value!r}: this machine has no {device.type} device")
+    count = backend.device_count()
+    if device.index is not None and device.index >= count:
+        raise KadError(
+            f"{flag} {value!r}: this machine has {count} {device.type} device(s), "
+            f"{device.type}:0 to {device.type}:{count - 1}"
+        )
+    return value
+
+
+def check_dtype(ctx: Any, param: Any, value: str | None) -> str | None:
+    """A typer callback: a dtype name of `kad.models.DTYPES`, or ``auto`` (or nothing)."""
+    if value is None or value == "auto":
+        return value
+    from kad.models import DTYPES  # torch: only once a dtype is given
+
+    if value not in DTYPES:
+        raise KadError(f"{param.opts[0]} must be auto or one of {', '.join(DTYPES)}, got {value}")
+    return value
+
+
 # --- decoding
-MaxNewTokens = Annotated[int, typer.Option("--max-new-tokens", help="Most tokens per answer.")]
-Temperature = Annotated[float, typer.Option("--temperature", help="0 is greedy.")]
-TopP = Annotated[float, typer.Option("--top-p", help="Nucleus sampling mass.")]
-Seed = Annotated[int | None, typer.Option("--seed", help="Seed for sampling.")]
+check_top_p = checked(lambda p: 0 < p <= 1, "in (0, 1]")
+MaxNewTokens = Annotated[
+    int, typer.Option("--max-new-tokens", callback=at_least(1), help="Most tokens per answer.")
+]
+Temperature = Annotated[
+    float,
+    typer.Option(
+        "--temperature",
+        callback=checked(lambda t: math.isfinite(t) and t >= 0, "a finite number >= 0"),
+        help="0 is greedy.",
+    ),
+]
+TopP = Annotated[
+    float,
+    typer.Option(
+        "--top-p",
+        callback=check_top_p,
+        help="Nucleus sampling mass, in (0, 1] (1: off).",
+    ),
+]
+TopK = Annotated[
+    int,
+    typer.Option("--top-k", callback=at_least(0), help="Keep the k most likely tokens (0: off)."),
+]
+Stop = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--stop",
+        callback=checked(lambda stops: all(stops), "non-empty text"),
+        help="Stop string (repeatable).",
+    ),
+]
+Seed = Annotated[
+    int | None,
+    typer.Option("--seed", callback=checked(_seed_fits, "in [0, 2^63)"), help="Seed for sampling."),
+]
 Speculative = Annotated[
     str | None,
     typer.Option(
@@ -147,9 +251,15 @@ Speculative = Annotated[
 ]
 
 # --- the runtime
-Device = Annotated[str | None, typer.Option("--device", help="cpu, cuda, cuda:1 (default: auto).")]
+Device = Annotated[
+    str | None,
+    typer.Option("--device", callback=check_device, help="cpu, cuda, cuda:1 (default: auto)."),
+]
 Dtype = Annotated[
-    str | None, typer.Option("--dtype", help="float32, bfloat16 or float16 (default: auto).")
+    str | None,
+    typer.Option(
+        "--dtype", callback=check_dtype, help="float32, bfloat16 or float16 (default: auto)."
+    ),
 ]
 Fast = Annotated[
     bool | None,
@@ -160,18 +270,24 @@ Fast = Annotated[
     ),
 ]
 MaxRows = Annotated[
-    int | None, typer.Option("--max-rows", help="Most sequences decoded at once (default: auto).")
+    int | None,
+    typer.Option(
+        "--max-rows", callback=at_least(1), help="Most sequences decoded at once (default: auto)."
+    ),
 ]
 MaxContext = Annotated[
     int | None,
     typer.Option(
-        "--max-context", help="Most tokens per sequence, prompt + output (default: the model's)."
+        "--max-context",
+        callback=at_least(1),
+        help="Most tokens per sequence, prompt + output (default: the model's).",
     ),
 ]
 MemoryFraction = Annotated[
     float | None,
     typer.Option(
         "--memory-fraction",
+        callback=checked(lambda share: 0 < share <= 1, "in (0, 1]"),
         help="Share of GPU memory for the weights and the KV pool (default: auto).",
     ),
 ]
@@ -180,6 +296,7 @@ TensorParallelOpt = Annotated[
     int | None,
     typer.Option(
         "--tensor-parallel",
+        callback=at_least(1),
         help="Shard the base over N ranks (GPUs, or CPU processes): launch with torchrun "
         "--nproc-per-node N, or alone to spawn the ranks (default: 1).",
     ),

@@ -54,12 +54,16 @@ class Generation:
     proxy_share: list[float] = field(default_factory=list)
 
     def to_dict(self) -> dict:
-        return {
-            "text": self.text,
-            "token_ids": self.token_ids,
-            "finish_reason": self.finish_reason,
-            "stats": self.stats.to_dict(),
-        }
+        """The fields, JSON-ready: NaN (proxy_share of rules without α) becomes None."""
+        return jsonable(
+            {
+                "text": self.text,
+                "token_ids": self.token_ids,
+                "finish_reason": self.finish_reason,
+                "proxy_share": self.proxy_share,
+                "stats": self.stats.to_dict(),
+            }
+        )
 
 
 @dataclass(frozen=True)

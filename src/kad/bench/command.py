@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -15,7 +16,8 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from kad.bench.render import render, to_json
 from kad.bench.run import BenchConfig, acceptance_run, run_bench
 from kad.errors import KadError
-from kad.options import QuantizeBase, QuantizeProxy, quantize_of
+from kad.fast.presets import PRESETS
+from kad.options import QuantizeBase, QuantizeProxy, check_device, check_dtype, quantize_of
 
 
 def parse_ints(text: str, name: str) -> list[int]:
@@ -36,24 +38,28 @@ def parse_ints(text: str, name: str) -> list[int]:
     return values
 
 
-def bench_with_progress(config: BenchConfig, out: Path | None) -> dict[str, Any]:
-    """`run_bench` with a spinner on a terminal, else one line per step on stderr with the
-    seconds since the start; with ``out``, the results so far are written after each batch."""
-    tty = sys.stderr.isatty()
-    start = time.perf_counter()
-    with _progress(tty) as bar:
-        task = bar.add_task("bench", total=None) if bar else None
+# The sizes of a quick run (`--quick`), and of a run (`BenchConfig`'s); an option given wins.
+QUICK: dict[str, Any] = dict(
+    batches=[1, 4],
+    prompt_tokens=64,
+    new_tokens=32,
+    gammas=[1, 2, 4],
+    assisted_gammas=[2],
+    repeats=1,
+    transformers=False,
+)
+FULL: dict[str, Any] = {name: getattr(BenchConfig(), name) for name in QUICK}
 
-        def step(label: str) -> None:
-            if bar is not None:
-                bar.update(task, description=label)
-            else:
-                print(
-                    f"[{time.perf_counter() - start:7.1f} s] {label}", file=sys.stderr, flush=True
-                )
 
-        write = (lambda results: out.write_text(to_json(results))) if out is not None else None
-        return run_bench(config, step, write)
+def _defaults(name: str) -> str:
+    """The end of an option's help: its value in a run, and in a quick one."""
+
+    def shown(value: Any) -> str:
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+    return f"(default {shown(FULL[name])}; --quick {shown(QUICK[name])})"
 
 
 def _print_step() -> Callable[[str], None]:
@@ -64,18 +70,17 @@ def _print_step() -> Callable[[str], None]:
     )
 
 
-def _progress(enabled: bool):
-    if not enabled:
-        from contextlib import nullcontext
-
-        return nullcontext(None)
-    return Progress(
-        SpinnerColumn(),
-        TextColumn("{task.description}"),
-        TimeElapsedColumn(),
-        console=Console(stderr=True),
-        transient=True,
-    )
+@contextmanager
+def progress_steps() -> Iterator[Callable[[str], None]]:
+    """A function to be told what runs next: a spinner's text on a terminal, else a line on
+    stderr (`_print_step`)."""
+    if not sys.stderr.isatty():
+        yield _print_step()
+        return
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn())
+    with Progress(*columns, console=Console(stderr=True), transient=True) as bar:
+        task = bar.add_task("bench", total=None)
+        yield lambda label: bar.update(task, description=label)
 
 
 def bench_command(
@@ -87,23 +92,55 @@ def bench_command(
         str | None,
         typer.Option(
             "--random-init",
-            help="BASE[:PROXY] presets with random weights: llama3-70b, llama3-8b, llama3.2-1b, olmo2-13b, "
-            "olmo2-1b, qwen3-14b, qwen3-1.7b (the proxy defaults to the family's small model).",
+            help=f"BASE[:PROXY] presets with random weights: {', '.join(PRESETS)} (the proxy "
+            "defaults to the family's small model). Checked against the free memory first.",
         ),
     ] = None,
-    batch: Annotated[str, typer.Option(help="Batch sizes, e.g. 1,8,32.")] = "1,8,32",
-    prompt_tokens: Annotated[int, typer.Option(help="Prompt length in tokens.")] = 512,
-    new_tokens: Annotated[int, typer.Option(help="Tokens generated per row.")] = 256,
-    gammas: Annotated[str, typer.Option(help="Draft lengths γ, e.g. 1-8.")] = "1-8",
+    quick: Annotated[
+        bool,
+        typer.Option(
+            "--quick",
+            help="A quick run (about a minute on a CPU): the built-in pair unless models or "
+            "--random-init are given, and the smaller sizes marked --quick below.",
+        ),
+    ] = False,
+    batch: Annotated[
+        str | None, typer.Option(help=f"Batch sizes, a list or a range {_defaults('batches')}.")
+    ] = None,
+    prompt_tokens: Annotated[
+        int | None, typer.Option(help=f"Prompt length in tokens {_defaults('prompt_tokens')}.")
+    ] = None,
+    new_tokens: Annotated[
+        int | None, typer.Option(help=f"Tokens generated per row {_defaults('new_tokens')}.")
+    ] = None,
+    gammas: Annotated[
+        str | None, typer.Option(help=f"Draft lengths γ {_defaults('gammas')}.")
+    ] = None,
     assisted_gammas: Annotated[
-        str, typer.Option(help="γs compared with transformers' assisted generation.")
-    ] = "2,4",
-    repeats: Annotated[int, typer.Option(help="Timed repeats (median), after a warm-up.")] = 3,
-    device: Annotated[str | None, typer.Option(help="cuda, cuda:1 or cpu.")] = None,
-    dtype: Annotated[str | None, typer.Option(help="bfloat16 (GPU default) or float32.")] = None,
+        str | None,
+        typer.Option(
+            help="γs compared with transformers' assisted generation "
+            f"{_defaults('assisted_gammas')}."
+        ),
+    ] = None,
+    repeats: Annotated[
+        int | None,
+        typer.Option(help=f"Timed repeats (median), after a warm-up {_defaults('repeats')}."),
+    ] = None,
+    device: Annotated[
+        str | None, typer.Option(callback=check_device, help="cuda, cuda:1 or cpu.")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(callback=check_dtype, help="bfloat16 (GPU default) or float32."),
+    ] = None,
     transformers_baselines: Annotated[
-        bool, typer.Option("--transformers/--no-transformers", help="Time transformers too.")
-    ] = True,
+        bool | None,
+        typer.Option(
+            "--transformers/--no-transformers",
+            help=f"Time transformers too {_defaults('transformers')}.",
+        ),
+    ] = None,
     check: Annotated[
         bool,
         typer.Option(
@@ -142,21 +179,36 @@ def bench_command(
     transformers, on real models or random-weight presets.
 
     The transformers peers: eager and static-cache compiled generate, assisted generation."""
-    if repeats < 1 or prompt_tokens < 2 or new_tokens < 2 or acceptance_tokens < 1:
+
+    def ints(text: str | None, flag: str) -> list[int] | None:
+        return None if text is None else parse_ints(text, flag)
+
+    given = dict(
+        batches=ints(batch, "--batch"),
+        prompt_tokens=prompt_tokens,
+        new_tokens=new_tokens,
+        gammas=ints(gammas, "--gammas"),
+        assisted_gammas=ints(assisted_gammas, "--assisted-gammas"),
+        repeats=repeats,
+        transformers=transformers_baselines,
+    )
+    sizes = (QUICK if quick else FULL) | {k: v for k, v in given.items() if v is not None}
+    if (
+        min(sizes["repeats"], acceptance_tokens) < 1
+        or min(sizes["prompt_tokens"], sizes["new_tokens"]) < 2
+    ):
         raise KadError("repeats and acceptance tokens must be >= 1, prompt and new tokens >= 2")
+    if quick and not (base or proxy or random_init):
+        from kad.world import builtin_paths
+
+        base, proxy = (str(path) for path in builtin_paths()[:2])
     config = BenchConfig(
         base=base,
         proxy=proxy,
         random_init=random_init,
-        batches=parse_ints(batch, "--batch"),
-        prompt_tokens=prompt_tokens,
-        new_tokens=new_tokens,
-        gammas=parse_ints(gammas, "--gammas"),
-        assisted_gammas=parse_ints(assisted_gammas, "--assisted-gammas"),
-        repeats=repeats,
+        **sizes,
         device=device,
         dtype=dtype,
-        transformers=transformers_baselines,
         check=check,
         acceptance_tokens=acceptance_tokens,
         profile=profile,
@@ -173,10 +225,12 @@ def bench_command(
         else:
             render_parallel(results, Console() if sys.stdout.isatty() else Console(width=160))
         return
-    if acceptance:
-        results = {"acceptance": acceptance_run(config)}
-    else:
-        results = bench_with_progress(config, out)
+    with progress_steps() as step:
+        if acceptance:
+            results = {"acceptance": acceptance_run(config, step)}
+        else:
+            write = (lambda so_far: out.write_text(to_json(so_far))) if out is not None else None
+            results = run_bench(config, step, write)
     if out is not None:
         out.write_text(to_json(results))
     if as_json:

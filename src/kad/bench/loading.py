@@ -1,8 +1,10 @@
-"""What `kad bench` runs on: a pair of models (random-weight presets or real ones), random
-prompts, and a runtime over the pair sized for one batch."""
+"""What `kad bench` runs on: a pair of models (random-weight presets or real ones, a preset pair
+first checked against the free memory), random prompts, and a runtime over the pair sized for one
+batch."""
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,8 +15,9 @@ from transformers import PreTrainedModel
 
 from kad.errors import KadError
 from kad.fast.llama import unsupported_reason
-from kad.fast.presets import parse_pair, random_model
-from kad.fast.quant import parse_quantize
+from kad.fast.presets import PAIRS, parse_pair, random_model
+from kad.fast.quant import parse_quantize, weight_bytes
+from kad.fast.roofline import model_bytes
 from kad.models import context_length
 from kad.runtime.scheduler import Runtime
 
@@ -80,7 +83,9 @@ def load_pair(
         vocab = min(base_model.config.vocab_size, proxy_model.config.vocab_size)
         return Pair(base_name, proxy_name, base_model, proxy_model, vocab)
     if not (base and proxy):
-        raise KadError("give a base and a proxy model (paths or Hub ids), or --random-init BASE")
+        raise KadError(
+            "give a base and a proxy model (paths or Hub ids), --random-init BASE, or --quick"
+        )
     from kad.aligner import Aligner
 
     aligner = Aligner.from_pretrained(base, proxy, dtype=dtype, device=device, quantize=formats)
@@ -97,6 +102,95 @@ def load_pair(
         if reason is not None:
             raise KadError(f"kad bench needs the compact forward (kad.fast); {name}: {reason}")
     return pair
+
+
+@dataclass(frozen=True)
+class Need:
+    """Bytes a run of a preset pair holds at its peak (activations aside)."""
+
+    weights: int  # both models in the run's dtype, quantized projections at their bytes
+    kv: int  # both models' KV pools at the largest batch
+    check: int  # the float32 check's two float32 copies of the proxy (0 without the check)
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.check
+
+
+def preset_need(
+    spec: str, dtype: torch.dtype, formats: dict[str, str], rows: int, tokens: int, check: bool
+) -> Need:
+    """`Need` of the preset pair ``spec`` (BASE[:PROXY]) for pools of ``rows`` slots of
+    ``tokens`` tokens, from the models made on the meta device (no memory)."""
+    names = dict(zip(("base", "proxy"), parse_pair(spec), strict=True))
+    models = [
+        random_model(name, device="meta", dtype=dtype, quantize=formats.get(role, "none"))
+        for role, name in names.items()
+    ]
+    check_bytes = 0
+    if check:
+        proxy32 = random_model(names["proxy"], device="meta", dtype=torch.float32)
+        check_bytes = 2 * weight_bytes(proxy32)
+    return Need(
+        weights=sum(weight_bytes(m) for m in models),
+        kv=rows * tokens * sum(model_bytes(m).kv_per_token for m in models),
+        check=check_bytes,
+    )
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a run on ``device``: a GPU's free memory; on a CPU the RAM the kernel can
+    give without swapping (MemAvailable of /proc/meminfo, else the free pages); None where
+    unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    if device.type != "cpu":
+        return None
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, OSError, ValueError):
+        return None
+
+
+def check_fits(
+    spec: str,
+    device: torch.device,
+    dtype: torch.dtype,
+    formats: dict[str, str],
+    rows: int,
+    tokens: int,
+    check: bool,
+) -> None:
+    """`KadError` before anything is made when the preset pair ``spec`` needs more memory than
+    ``device`` has free (`preset_need`, `available_bytes`): what it needs, what is free, and
+    which pairs of presets would fit (each large preset with its default proxy, each small
+    preset in both roles)."""
+    free = available_bytes(device)
+    if free is None:
+        return
+    need = preset_need(spec, dtype, formats, rows, tokens, check)
+    if need.total <= free:
+        return
+    candidates = [*PAIRS, *(f"{small}:{small}" for small in dict.fromkeys(PAIRS.values()))]
+    fit = [
+        c for c in candidates if preset_need(c, dtype, formats, rows, tokens, check).total <= free
+    ]
+    base, proxy = parse_pair(spec)
+    check_part = f", float32 check {need.check / 1e9:.1f} (--no-check)" if check else ""
+    raise KadError(
+        f"{base} + {proxy} in {str(dtype).removeprefix('torch.')} need about "
+        f"{need.total / 1e9:.1f} GB on {device.type} (weights {need.weights / 1e9:.1f}, KV cache "
+        f"{need.kv / 1e9:.1f} at batch {rows}{check_part}), but {free / 1e9:.1f} GB is free; "
+        + (f"pairs that fit: {', '.join(fit)}" if fit else "no preset pair fits")
+        + "; --quick benches the built-in pair (about a minute on a CPU)"
+    )
 
 
 def random_float32_pair(

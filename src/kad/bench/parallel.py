@@ -41,20 +41,21 @@ from kad.fast.roofline import (
     plain_roofline,
 )
 from kad.models import resolve_device, resolve_dtype
-from kad.parallel.group import TensorParallel, check_divides, check_size, launch
+from kad.parallel.group import TensorParallel, check_shardable, check_size, launch
 from kad.parallel.runtime import ParallelRuntime
 from kad.parallel.shard import shard_bytes
 
 
-def rank_bytes(model: Any, shard: Any, world: int) -> ModelBytes:
+def rank_bytes(model: Any, shard: Any) -> ModelBytes:
     """What one rank reads per forward of the base: its shard (less an untied input embedding,
-    of which a step reads B rows) and 1/N of the KV per token."""
+    of which a step reads B rows) and its KV heads' share of the KV per token."""
     whole = model_bytes(model)
     embed, head = shard.embed, shard.head
     weights = shard_bytes(shard)
     if embed.data_ptr() != head.data_ptr():
         weights -= embed.numel() * embed.element_size()
-    return ModelBytes(weights=weights, kv_per_token=whole.kv_per_token // world)
+    kv_heads, whole_kv_heads = shard.arch.kv_heads, shard.arch.whole_heads[1]
+    return ModelBytes(weights=weights, kv_per_token=whole.kv_per_token * kv_heads // whole_kv_heads)
 
 
 def allreduce_seconds(tp: TensorParallel, shape: tuple[int, ...], dtype: torch.dtype) -> float:
@@ -115,7 +116,7 @@ class ParallelBench:
         batches = []
         for batch in c.batches:
             runtime = self._runtime(batch)
-            base = rank_bytes(pair.base, runtime.runners["base"].net, tp.world)  # type: ignore[attr-defined]
+            base = rank_bytes(pair.base, runtime.runners["base"].net)  # type: ignore[attr-defined]
             proxy = model_bytes(pair.proxy)
             context = mean_context(c.prompt_tokens, c.new_tokens)
             prompts = random_prompts(batch, c.prompt_tokens, pair.vocab_size, c.seed + batch)
@@ -173,11 +174,11 @@ def parallel_bench(config: BenchConfig, n: int, step: Callable[[str], None]) -> 
     if config.random_init is not None:
         from kad.fast.presets import parse_pair, preset_config
 
-        check_divides(preset_config(parse_pair(config.random_init)[0]), n, config.random_init)
+        check_shardable(preset_config(parse_pair(config.random_init)[0]), n, config.random_init)
     elif config.base is not None:
-        from kad.parallel.group import check_model_divides
+        from kad.parallel.group import check_model_shardable
 
-        check_model_divides(config.base, n)
+        check_model_shardable(config.base, n)
     bench = launch(n, device, functools.partial(_bench_rank, config))
     try:
         return bench.run(step)

@@ -28,6 +28,7 @@ from kad.bench.check import agreement, float32_check
 from kad.bench.loading import (
     Pair,
     chat_prompts,
+    check_fits,
     load_pair,
     random_float32_pair,
     random_prompts,
@@ -46,6 +47,7 @@ from kad.bench.measure import (
 from kad.bench.peers import hf_generate
 from kad.fast.graphs import compiled_uniforms, restored
 from kad.fast.presets import parameter_count
+from kad.fast.quant import parse_quantize
 from kad.fast.roofline import (
     ModelBytes,
     copy_bandwidth,
@@ -92,6 +94,11 @@ class BenchConfig:
     seed: int = 0
     profile: bool = False
     quantize: dict[str, str] | None = None  # per role, as `Aligner.from_pretrained`'s
+
+
+def pool_tokens(config: BenchConfig) -> int:
+    """Tokens of a runtime's slot: the prompt, the timed budget and the last round's drafts."""
+    return config.prompt_tokens + config.new_tokens + 2 * (max(*config.gammas, GAMMA_MAX) + 1)
 
 
 @dataclass
@@ -187,7 +194,7 @@ def bench_batch(
     if config.transformers:
         hf_ids, assisted = peers(pair, prompts, config, table, base_roof, step)
         _free(device)
-    pool = prompt_len + n + 2 * (GAMMA_MAX + 1)  # the timed budget and the last round's drafts
+    pool = pool_tokens(config)
     slow_ids = None
     if config.check and batch == 1:
         step(f"B={batch}: runtime over transformers' forward (dual)")
@@ -321,45 +328,57 @@ def _free(device: torch.device) -> None:
 
 
 # ----- acceptance on real pairs
+ACCEPTANCE_CASES: tuple[tuple[Rule, int], ...] = tuple(
+    (rule, gamma) for rule in (DUAL, BaseOnly()) for gamma in (1, 4)
+)
+
+
 def measure_acceptance(
-    aligner: Any, name: str, config: BenchConfig, prompts: list[Any]
+    aligner: Any, name: str, config: BenchConfig, prompts: list[Any], step: Callable[[str], None]
 ) -> list[dict[str, Any]]:
-    """Acceptance end to end: speculative greedy KAD (dual λ=0.4) and rule=base."""
+    """Acceptance end to end: speculative greedy KAD (dual λ=0.4) and rule=base, γ 1 and 4
+    (`ACCEPTANCE_CASES`); ``step`` is told each case, "n of m"."""
     out = []
-    for rule in (DUAL, BaseOnly()):
-        for gamma in (1, 4):
-            gens = aligner.generate(
-                prompts, rule=rule, max_new_tokens=config.acceptance_tokens, speculative=gamma
-            )
-            drafted = sum(g.stats.drafted or 0 for g in gens)
-            accepted = sum(g.stats.accepted or 0 for g in gens)
-            forwards = sum(g.stats.base_forwards for g in gens)
-            out.append(
-                {
-                    "pair": name,
-                    "rule": rule.name,
-                    "gamma": gamma,
-                    "acceptance": accepted / drafted if drafted else None,
-                    "tokens": sum(g.stats.tokens for g in gens),
-                    "tokens_per_base_forward": sum(g.stats.tokens for g in gens) / forwards,
-                }
-            )
+    for i, (rule, gamma) in enumerate(ACCEPTANCE_CASES, 1):
+        step(
+            f"{name}: acceptance of rule={rule.name} γ={gamma} on {len(prompts)} prompts "
+            f"({i} of {len(ACCEPTANCE_CASES)})"
+        )
+        gens = aligner.generate(
+            prompts, rule=rule, max_new_tokens=config.acceptance_tokens, speculative=gamma
+        )
+        drafted = sum(g.stats.drafted or 0 for g in gens)
+        accepted = sum(g.stats.accepted or 0 for g in gens)
+        forwards = sum(g.stats.base_forwards for g in gens)
+        out.append(
+            {
+                "pair": name,
+                "rule": rule.name,
+                "gamma": gamma,
+                "acceptance": accepted / drafted if drafted else None,
+                "tokens": sum(g.stats.tokens for g in gens),
+                "tokens_per_base_forward": sum(g.stats.tokens for g in gens) / forwards,
+            }
+        )
     return out
 
 
-def acceptance_run(config: BenchConfig) -> list[dict[str, Any]]:
-    """Real acceptance on the real pairs found offline (`real_pairs`)."""
+def acceptance_run(config: BenchConfig, step: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Real acceptance on the real pairs found offline (`real_pairs`); ``step`` is told what
+    runs next."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     out = []
-    for name, load in real_pairs():
+    pairs = real_pairs()
+    for k, (name, load) in enumerate(pairs, 1):
+        step(f"loading {name} (pair {k} of {len(pairs)})")
         aligner = load(device, dtype)
         prompts = chat_prompts()
         if name == "built-in pair":
             from kad.world import heldout_problems
 
             prompts = [str(p["question"]) for p in heldout_problems(8, "dev")]
-        out.extend(measure_acceptance(aligner, name, config, prompts))
+        out.extend(measure_acceptance(aligner, name, config, prompts, step))
     return out
 
 
@@ -382,6 +401,10 @@ def run_bench(
     results so far after each batch size."""
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
+    if config.random_init is not None and not (config.base or config.proxy):
+        rows, tokens = max(config.batches), pool_tokens(config)
+        formats = parse_quantize(config.quantize)
+        check_fits(config.random_init, device, dtype, formats, rows, tokens, config.check)
     pair = load_pair(
         config.base, config.proxy, config.random_init, config.seed, device, dtype, config.quantize
     )
@@ -410,10 +433,8 @@ def run_bench(
         if out is not None:
             out(results)
     if pair.aligner is not None:
-        step("acceptance")
-        results["acceptance"] = measure_acceptance(
-            pair.aligner, f"{pair.base_name} | {pair.proxy_name}", config, chat_prompts()
-        )
+        name = f"{pair.base_name} | {pair.proxy_name}"
+        results["acceptance"] = measure_acceptance(pair.aligner, name, config, chat_prompts(), step)
     results["targets"] = targets(results)
     return results
 

@@ -7,6 +7,8 @@ inside the commands.
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -15,7 +17,8 @@ import typer
 from rich.console import Console
 
 from kad.errors import KadError
-from kad.eval.tasks import DATA_DIR_ENV, TASKS, get_task
+from kad.eval.sweep import DEFAULT_GRIDS
+from kad.eval.tasks import DATA_DIR_ENV, TASKS, check_data_dir, get_task
 from kad.options import (
     Base,
     Device,
@@ -32,8 +35,11 @@ from kad.options import (
     RuleOpt,
     Seed,
     Speculative,
+    Stop,
     Temperature,
+    TopK,
     TopP,
+    at_least,
     load_aligner,
     model_paths,
     quantize_of,
@@ -62,8 +68,15 @@ Shots = Annotated[
     int | None,
     typer.Option("--shots", help="Few-shot exemplars in the base's prompt (default: all, 3-6)."),
 ]
-Limit = Annotated[int | None, typer.Option("--limit", help="Only the first N examples.")]
-BatchSize = Annotated[int, typer.Option("--batch-size", help="Prompts decoded together.")]
+Limit = Annotated[
+    int | None, typer.Option("--limit", callback=at_least(1), help="Only the first N examples.")
+]
+BatchSize = Annotated[
+    int,
+    typer.Option(
+        "--batch-size", callback=at_least(1), help="Prompts scored together (likelihood tasks)."
+    ),
+]
 OutDir = Annotated[Path, typer.Option("--out", help="Results root: one folder per method inside.")]
 DataParallel = Annotated[
     int | None,
@@ -121,17 +134,25 @@ def run_record(
 
 
 def decoding_options(
-    max_new_tokens: int, temperature: float, top_p: float, seed: int | None, speculative: str | None
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    top_k: int,
+    seed: int | None,
+    stop: list[str] | None,
+    speculative: str | None,
 ) -> dict[str, Any]:
-    """The keyword arguments of `Aligner.generate` that a method fixes."""
+    """The keyword arguments of `Aligner.generate` that a method fixes; ``stop``: the strings
+    given, which end a generation besides the task's own (None when none is given)."""
     from kad.speculative import parse_speculative
 
     return {
         "max_new_tokens": max_new_tokens,
         "temperature": temperature,
         "top_p": top_p,
-        "top_k": 0,
+        "top_k": top_k,
         "seed": seed,
+        "stop": list(stop) if stop else None,
         "speculative": parse_speculative(speculative),
     }
 
@@ -169,6 +190,60 @@ class EvalPlan:
         """The method record of ``rule``'s folder."""
         return run_record(*self.paths, rule, self.decoding, self.shots, self.models.get("quantize"))
 
+    def folder(self, rule: Rule) -> Path:
+        """Where ``rule``'s results go."""
+        from kad.rules import rule_slug
+
+        return self.out / rule_slug(rule)
+
+
+def check_plan(plan: EvalPlan) -> None:
+    """What can be checked before any model loads: the data dir holds every task's file, whose
+    records read as the task's (a `KadError` names the file and the line), every task has
+    examples, and each folder of ``plan.out`` can be written and holds no results of other
+    settings."""
+    from kad.eval.runner import check_same_run
+
+    check_data_dir(plan.tasks, plan.data_dir)
+    for task in plan.tasks:
+        if next(task.examples(plan.data_dir, plan.limit), None) is None:
+            raise KadError(f"task {task.name} has no examples")
+    for folder in (plan.out, *map(plan.folder, plan.rules)):
+        if folder.exists() and not folder.is_dir():
+            raise KadError(f"--out: {folder} is a file, not a folder")
+    for rule in plan.rules:
+        check_same_run(plan.folder(rule), plan.run_for(rule))
+    try:
+        plan.out.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=plan.out).close()
+    except OSError as err:
+        raise KadError(f"--out {plan.out}: cannot write there ({err.strerror})") from None
+
+
+def saved_records(plan: EvalPlan) -> dict[str, int]:
+    """``{"dual-lam0.4/gsm8k": 37, ...}``: the records on disk of each (point, task) of ``plan``
+    that has some, whatever rank wrote them (read without mending: ranks may still write)."""
+    from kad.eval.runner import read_done
+
+    counts: dict[str, int] = {}
+    for rule in plan.rules:
+        for task in plan.tasks:
+            found = len(read_done(plan.folder(rule), task.name, mend=False))
+            if found:
+                counts[f"{plan.folder(rule).name}/{task.name}"] = found
+    return counts
+
+
+def interrupted_message(plan: EvalPlan) -> str:
+    """What Ctrl-C leaves: ``interrupted: 37 records saved in results (dual-lam0.4/gsm8k: 37);
+    run the same command again to resume``."""
+    counts = saved_records(plan)
+    total = sum(counts.values())
+    where = f"{total} record{'s' * (total != 1)} saved in {plan.out}"
+    if 0 < len(counts) <= 3:
+        where += " (" + ", ".join(f"{name}: {n}" for name, n in counts.items()) + ")"
+    return f"interrupted: {where}; run the same command again to resume"
+
 
 def run_plan(plan: EvalPlan) -> None:
     """Load the models and run ``plan``: all of it in a single process, this rank's share of
@@ -201,14 +276,22 @@ def run_plan(plan: EvalPlan) -> None:
 
 def launch(plan: EvalPlan, data_parallel: int | None) -> None:
     """Run ``plan`` here (a single process, or a rank torchrun started), or on
-    ``data_parallel`` ranks spawned for it. Bad numbers of ranks fail before weights load."""
-    from kad.eval.data_parallel import check_data_parallel, launched_world, spawn
+    ``data_parallel`` ranks spawned for it. Bad numbers of ranks and what `check_plan` checks
+    fail before weights load. Ctrl-C says how many records are saved (`interrupted_message`,
+    rank 0 only) and exits with code 130."""
+    from kad.eval.data_parallel import INTERRUPTED, check_data_parallel, launched_world, spawn
 
     world = check_data_parallel(data_parallel, plan.models["device"])
-    if world > 1 and launched_world() is None:
-        spawn(world, run_plan, plan)
-    else:
-        run_plan(plan)
+    check_plan(plan)
+    try:
+        if world > 1 and launched_world() is None:
+            spawn(world, run_plan, plan)
+        else:
+            run_plan(plan)
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            err_console.print(interrupted_message(plan), soft_wrap=True)
+        raise typer.Exit(INTERRUPTED) from None
 
 
 @with_rule_options
@@ -226,7 +309,9 @@ def eval_command(
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
+    top_k: TopK = 0,
     seed: Seed = None,
+    stop: Stop = None,
     speculative: Speculative = None,
     out: OutDir = Path("results"),
     device: Device = None,
@@ -265,7 +350,9 @@ def eval_command(
             "memory_fraction": memory_fraction,
             "quantize": quantize,
         },
-        decoding=decoding_options(max_new_tokens, temperature, top_p, seed, speculative),
+        decoding=decoding_options(
+            max_new_tokens, temperature, top_p, top_k, seed, stop, speculative
+        ),
         shots=shots,
         out=out,
         data_dir=data_dir,
@@ -275,7 +362,7 @@ def eval_command(
     launch(plan, data_parallel)
 
 
-@with_rule_options(grid=True)
+@with_rule_options(grid=DEFAULT_GRIDS)
 def sweep_command(
     task: TaskList,
     base: Base = None,
@@ -297,7 +384,9 @@ def sweep_command(
     max_new_tokens: MaxNewTokens = 256,
     temperature: Temperature = 0.0,
     top_p: TopP = 1.0,
+    top_k: TopK = 0,
     seed: Seed = None,
+    stop: Stop = None,
     speculative: Speculative = None,
     out: OutDir = Path("results"),
     device: Device = None,
@@ -347,7 +436,9 @@ def sweep_command(
             "memory_fraction": memory_fraction,
             "quantize": quantize,
         },
-        decoding=decoding_options(max_new_tokens, temperature, top_p, seed, speculative),
+        decoding=decoding_options(
+            max_new_tokens, temperature, top_p, top_k, seed, stop, speculative
+        ),
         shots=shots,
         out=out,
         data_dir=data_dir,

@@ -30,6 +30,7 @@ MULTICAST_OFF = {
 }
 # How long a rank waits at a barrier for the others: a shard can take much longer than another.
 BARRIER_TIMEOUT = timedelta(hours=12)
+INTERRUPTED = 130  # the exit code of a rank stopped by Ctrl-C (128 + SIGINT), as a shell's
 
 
 def keep_multicast_off() -> None:
@@ -165,7 +166,7 @@ def free_port() -> int:
 
 def _rank_main(rank: int, world: int, port: int, target: Callable[[Any], None], arg: Any) -> None:
     """One spawned rank: torchrun's environment, then ``target(arg)``; a `KadError` is its
-    message on stderr and exit code 2."""
+    message on stderr and exit code 2, Ctrl-C exit code 130 (the parent says what is saved)."""
     os.environ.update(
         RANK=str(rank),
         LOCAL_RANK=str(rank),
@@ -179,12 +180,15 @@ def _rank_main(rank: int, world: int, port: int, target: Callable[[Any], None], 
     except KadError as err:
         print(f"error: rank {rank}: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(INTERRUPTED)
 
 
 def spawn(world: int, target: Callable[[T], None], arg: T) -> None:
     """Run ``target(arg)`` in ``world`` fresh processes, ranks 0..world-1 of one host (start
     method spawn), and wait for them all. When one fails the others are stopped and a
-    `KadError` says which one and how; what the ranks wrote stays."""
+    `KadError` says which one and how; what the ranks wrote stays. A rank stopped by Ctrl-C
+    raises KeyboardInterrupt here."""
     import torch.multiprocessing as mp
 
     keep_multicast_off()
@@ -198,6 +202,8 @@ def spawn(world: int, target: Callable[[T], None], arg: T) -> None:
             start_method="spawn",
         )
     except mp.ProcessExitedException as failed:
+        if failed.exit_code == INTERRUPTED or failed.signal_name == "SIGINT":
+            raise KeyboardInterrupt from None
         how = (
             f"was killed by {failed.signal_name}"
             if failed.signal_name

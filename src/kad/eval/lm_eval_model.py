@@ -7,6 +7,10 @@
 decoding under π produces the continuation. Both models read lm-eval's context verbatim; with
 ``proxy_chat=true`` the proxy reads it as one user turn of its chat template instead.
 
+The models load at the first request, so that lm-eval, which builds its model before it reads
+its tasks' data, fails on missing data before any weights load; `run_lm_eval_cli` turns a dataset
+that is not in the cache while offline (``HF_HUB_OFFLINE=1``) into one line naming it.
+
 Importing this module registers the model (``@register_model("kad")``). lm-eval releases that
 discover the ``lm_eval.models`` entry point of the kad-align package import it themselves;
 with older ones (0.4.x up to 0.4.13), run ``kad lm-eval <lm_eval arguments>``.
@@ -18,7 +22,9 @@ from __future__ import annotations
 import json
 import logging
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cached_property
 from typing import Any
 
 import torch
@@ -93,14 +99,9 @@ class KadLM(LM):
             device = "cpu"
         values = {"lam": lam, "budget": budget, "beta": beta, "loss": loss, "mu": mu}
         self.rule = rule_from_args(str(rule), {**values, "delta": delta, "fractional": fractional})
-        self.aligner = Aligner.from_pretrained(
-            str(base),
-            str(proxy),
-            str(proxy_base) if proxy_base is not None and self.rule.needs_proxy_base else None,
-            dtype=dtype,
-            device=device,
-        )
-        self._device = self.aligner.members["base"].model.device
+        needed_base = proxy_base is not None and self.rule.needs_proxy_base
+        self.models = (str(base), str(proxy), str(proxy_base) if needed_base else None)
+        self.runtime = {"dtype": dtype, "device": device}
         # "auto" (lm-eval's adaptive batch size) becomes max_batch_size, else 8.
         auto = isinstance(batch_size, str) and batch_size.startswith("auto")
         self.batch_size = int(max_batch_size or 8) if auto else int(batch_size)
@@ -110,6 +111,13 @@ class KadLM(LM):
         self.speculative = speculative
         self.seed = seed
         self.proxy_chat = bool(proxy_chat)
+
+    @cached_property
+    def aligner(self) -> Aligner:
+        """The models, loaded at the first use (see the module's doc)."""
+        aligner = Aligner.from_pretrained(*self.models, **self.runtime)
+        self._device = aligner.members["base"].model.device  # lm-eval's `LM.device`
+        return aligner
 
     def _prompt(self, context: str) -> Prompt:
         """lm-eval's context for each model; an empty context becomes the BOS (or EOS) token."""
@@ -197,9 +205,42 @@ class KadLM(LM):
         return outputs
 
 
+@contextmanager
+def missing_datasets_named() -> Iterator[None]:
+    """Within: while offline (``HF_HUB_OFFLINE``), a Hub dataset that `datasets.load_dataset`
+    does not find in the cache is a `KadError` naming it and how to fetch it, rather than
+    datasets' ConnectionError deep in lm-eval (a missing local file keeps its own error)."""
+    import datasets
+
+    load = datasets.load_dataset
+    not_cached = (ConnectionError, datasets.exceptions.DatasetNotFoundError)
+
+    def load_or_name(path: str, name: str | None = None, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return load(path, name, *args, **kwargs)
+        except not_cached:
+            if not datasets.config.HF_HUB_OFFLINE:
+                raise
+            call = ", ".join(repr(a) for a in (path, name) if a is not None)
+            raise KadError(
+                f"lm-eval's dataset {path}{f' ({name})' if name else ''} is not in the Hugging "
+                f"Face cache ({datasets.config.HF_DATASETS_CACHE}) and HF_HUB_OFFLINE=1 forbids "
+                "downloading it: fetch it once with network access, e.g. HF_HUB_OFFLINE=0 python "
+                f'-c "import datasets; datasets.load_dataset({call})", then run again'
+            ) from None
+
+    datasets.load_dataset = load_or_name
+    try:
+        yield
+    finally:
+        datasets.load_dataset = load
+
+
 def run_lm_eval_cli(args: Sequence[str]) -> None:
-    """lm-eval's own command line, with the ``kad`` model registered (this module imported)."""
+    """lm-eval's own command line, with the ``kad`` model registered (this module imported)
+    and a dataset missing offline named (`missing_datasets_named`)."""
     from lm_eval.__main__ import cli_evaluate
 
     sys.argv = ["lm_eval", *args]
-    cli_evaluate()
+    with missing_datasets_named():
+        cli_evaluate()

@@ -42,7 +42,7 @@ def load_summaries(root: str | os.PathLike[str]) -> list[Summary]:
         raise KadError(f"{folder} is not a folder of results")
     best: dict[tuple, Summary] = {}
     for path in sorted(folder.rglob(f"*{SUMMARY_SUFFIX}")):
-        summary = json.loads(path.read_text(encoding="utf-8"))
+        summary = read_summary(path)
         key = (*pair_of(summary), method_key(summary), summary["task"])
         if key not in best or summary["n"] > best[key]["n"]:
             best[key] = summary
@@ -51,6 +51,23 @@ def load_summaries(root: str | os.PathLike[str]) -> list[Summary]:
             f"no *{SUMMARY_SUFFIX} files under {folder}: run kad eval or kad sweep first"
         )
     return list(best.values())
+
+
+SUMMARY_KEYS = ("base", "proxy", "rule", "params", "task", "n", "accuracy")
+
+
+def read_summary(path: Path) -> Summary:
+    """One ``*.summary.json``; a `KadError` naming the file if it is not a summary kad wrote."""
+    try:
+        summary = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise KadError(
+            f"{path} is not a kad summary ({err}): remove it or rerun kad eval"
+        ) from None
+    missing = [key for key in SUMMARY_KEYS if not isinstance(summary, dict) or key not in summary]
+    if missing:
+        raise KadError(f"{path} is not a kad summary (no {', '.join(missing)}): remove it")
+    return summary
 
 
 def pair_of(summary: Summary) -> tuple[str, str]:
@@ -220,7 +237,10 @@ def write_report(
     ``out_dir``, default ``root``); the markdown is also saved as ``report.md``."""
     summaries = load_summaries(root)
     target = Path(out_dir) if out_dir is not None else Path(root)
-    target.mkdir(parents=True, exist_ok=True)
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise KadError(f"--out {target}: cannot write there ({err.strerror})") from None
     pairs = sorted({pair_of(s) for s in summaries})
     sections, plots = [], []
     for index, pair in enumerate(pairs):

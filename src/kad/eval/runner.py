@@ -23,7 +23,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +49,7 @@ IDENTITY_KEYS = (
     "temperature",
     "top_p",
     "top_k",
+    "stop",
     "seed",
     "speculative",
 )
@@ -60,9 +61,9 @@ def method_name(rule: str, params: dict[str, Any]) -> str:
     return rule_slug(make_rule(rule, **params))
 
 
-def read_records(path: Path) -> list[dict[str, Any]]:
+def read_records(path: Path, mend: bool = True) -> list[dict[str, Any]]:
     """The complete lines of a results JSONL. A torn last line (an interrupted write) is cut
-    off the file so that appending continues cleanly."""
+    off the file, so that appending continues cleanly, unless ``mend`` is False."""
     if not path.exists():
         return []
     raw = path.read_bytes()
@@ -75,7 +76,7 @@ def read_records(path: Path) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             break
         good_bytes += len(line)
-    if good_bytes != len(raw):
+    if mend and good_bytes != len(raw):
         with path.open("r+b") as handle:
             handle.truncate(good_bytes)
     return records
@@ -96,12 +97,13 @@ def rank_files(out_dir: Path, task: str) -> list[Path]:
     return [path for _, path in sorted(ranked)]
 
 
-def read_done(out_dir: Path, task: str) -> dict[str, dict[str, Any]]:
+def read_done(out_dir: Path, task: str, mend: bool = True) -> dict[str, dict[str, Any]]:
     """Every record of ``task`` written so far, by id: those of ``<task>.jsonl``, then those of
-    the rank files that it lacks (an id in several files: its first record)."""
+    the rank files that it lacks (an id in several files: its first record); torn last lines
+    cut off unless ``mend`` is False (`read_records`)."""
     done: dict[str, dict[str, Any]] = {}
     for path in [out_dir / f"{task}.jsonl", *rank_files(out_dir, task)]:
-        for record in read_records(path):
+        for record in read_records(path, mend):
             done.setdefault(record["id"], record)
     return done
 
@@ -114,13 +116,25 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 def check_run_file(out_dir: Path, run: dict[str, Any]) -> None:
-    """Write ``run.json``, or check that the folder's existing one has the same settings.
-    Ranks may call it at once: the file is written whole."""
+    """Write ``run.json``, or check that the folder's existing one has the same settings
+    (`check_same_run`). Ranks may call it at once: the file is written whole."""
     path = out_dir / RUN_FILE
     if not path.exists():
         write_atomically(path, json.dumps(run, indent=2) + "\n")
         return
-    existing = json.loads(path.read_text(encoding="utf-8"))
+    check_same_run(out_dir, run)
+
+
+def check_same_run(out_dir: Path, run: dict[str, Any]) -> None:
+    """`KadError` unless ``out_dir`` holds no ``run.json`` or one with the settings of ``run``
+    (`IDENTITY_KEYS`; a key a file written before it existed lacks reads as None)."""
+    path = out_dir / RUN_FILE
+    if not path.is_file():
+        return
+    try:
+        existing = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise KadError(f"{path} is not a run file kad wrote; use another --out folder") from None
     changed = [k for k in IDENTITY_KEYS if existing.get(k) != run.get(k)]
     if changed:
         detail = ", ".join(f"{k}: {existing.get(k)!r} -> {run.get(k)!r}" for k in changed)
@@ -139,28 +153,49 @@ def _mean(values: Sequence[float]) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def summarize(records: Sequence[dict[str, Any]], run: dict[str, Any], task: str) -> dict[str, Any]:
-    """Accuracy (mean per-example score) and the decoding statistics pooled over examples."""
-    stats = [r["stats"] for r in records if r.get("stats")]
+def pooled_stats(stats: Sequence[Mapping[str, Any]]) -> dict[str, float | None]:
+    """The decoding statistics of several generations (`GenerationStats` dicts), pooled over
+    all their generated tokens: the one definition `kad eval`, `kad report` and `kad demo` use.
+
+    ``deferral_rate`` (share of tokens whose step had α > 0), ``mean_alpha`` (mean α per token:
+    the share of the base's probability handed to the proxy) and ``mean_tv``: token-weighted
+    over the generations that have them (None where none has: rules without α), so that a
+    5-token answer counts 5 tokens, not as much as a 256-token one, and the figure is that of
+    every step taken. ``acceptance``: accepted drafts / drafted (speculative decoding, else
+    None); ``tokens_per_base_forward``: tokens / base forwards.
+    """
+
+    def token_weighted(key: str) -> float | None:
+        pairs = [(s[key], s["tokens"]) for s in stats if s.get(key) is not None]
+        tokens = sum(n for _, n in pairs)
+        return sum(value * n for value, n in pairs) / tokens if tokens else None
+
     drafted = sum(s.get("drafted") or 0 for s in stats)
     accepted = sum(s.get("accepted") or 0 for s in stats)
+    forwards = sum(s.get("base_forwards") or 0 for s in stats)
+    tokens = sum(s["tokens"] for s in stats if s.get("base_forwards"))
+    return {
+        "deferral_rate": token_weighted("deferral_rate"),
+        "mean_alpha": token_weighted("mean_alpha"),
+        "mean_tv": token_weighted("mean_tv"),
+        "acceptance": accepted / drafted if drafted else None,
+        "tokens_per_base_forward": tokens / forwards if forwards else None,
+    }
+
+
+def summarize(records: Sequence[dict[str, Any]], run: dict[str, Any], task: str) -> dict[str, Any]:
+    """Accuracy (mean per-example score) and the decoding statistics pooled over the examples'
+    tokens (`pooled_stats`)."""
+    stats = [r["stats"] for r in records if r.get("stats")]
     tokens = sum(s["tokens"] for s in stats)
     seconds = sum(r["seconds"] for r in records)
-
-    def mean_of(key: str) -> float | None:
-        return _mean([s[key] for s in stats if s.get(key) is not None])
-
     return {
         **run,
         "task": task,
         "n": len(records),
         "correct": sum(bool(r["correct"]) for r in records),
         "accuracy": _mean([float(r["score"]) for r in records]),
-        "deferral_rate": mean_of("deferral_rate"),
-        "mean_alpha": mean_of("mean_alpha"),
-        "mean_tv": mean_of("mean_tv"),
-        "acceptance": accepted / drafted if drafted else None,
-        "tokens_per_base_forward": mean_of("tokens_per_base_forward"),
+        **pooled_stats(stats),
         "mean_tokens": tokens / len(stats) if stats else None,
         "seconds": seconds,
         "tokens_per_second": tokens / seconds if stats and seconds > 0 else None,
@@ -199,9 +234,8 @@ def _stream_generations(
     records' seconds add up to the run's."""
     prompts = [task.prompt(example) for _, example in todo]
     prompt_ids = aligner.encode_prompts(prompts)  # tokenized once: what each model reads
-    session = aligner.start(
-        prompts, rule=rule, stop=list(task.stop), prompt_ids=prompt_ids, **decoding
-    )
+    options = {**decoding, "stop": [*task.stop, *(decoding.get("stop") or [])]}
+    session = aligner.start(prompts, rule=rule, prompt_ids=prompt_ids, **options)
     last = time.perf_counter()
     while not session.done:
         for event in session.step():
@@ -286,6 +320,7 @@ def run_eval(
     batch_size: int = 8,
     decoding: dict[str, Any] | None = None,
     progress: bool = True,
+    label: str | None = None,
     ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Evaluate ``task`` under ``rule`` into ``<out_dir>/<task>.jsonl``; returns and writes the
@@ -294,6 +329,7 @@ def run_eval(
     ``run`` describes the method (models, rule, params, decoding: see ``IDENTITY_KEYS``);
     ``decoding`` holds the keyword arguments for ``Aligner.start``; ``batch_size``: prompts
     scored together by likelihood tasks (generation tasks stream through the runtime).
+    ``label``: what progress calls the run (default: the task's name; a sweep names its point).
     ``ranks``: this process's place in a data-parallel run (every rank calls `run_eval` with
     the same arguments and gets the same summary); None: a single process. Only rank 0 shows
     progress.
@@ -320,11 +356,12 @@ def run_eval(
         return _mean([float(r["score"]) for r in records])
 
     found = sum(example_id in done for example_id, _ in examples)
-    resumed = resume_message(task.name, found, len(examples), path)
+    resumed = resume_message(label or task.name, found, len(examples), path)
     if resumed and shown:
         print(resumed, file=sys.stderr, flush=True)
     share = len(todo) + len(kept)
-    bar = TaskProgress(ranks.label(task.name), share, len(kept), accuracy(kept), enabled=shown)
+    title = ranks.label(label or task.name)
+    bar = TaskProgress(title, share, len(kept), accuracy(kept), enabled=shown)
     sink_path = path if ranks.world == 1 else rank_path(out, task.name, ranks.rank)
     with bar, sink_path.open("a", encoding="utf-8") as sink:
         if not todo:

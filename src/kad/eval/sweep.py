@@ -18,7 +18,7 @@ from typing import Any
 from kad.errors import KadError
 from kad.eval.runner import run_eval
 from kad.eval.tasks import Task
-from kad.rules import RULE_PARAMS, RULES, Rule, make_rule, rule_key, rule_slug
+from kad.rules import RULE_PARAMS, RULES, Rule, make_rule, rule_key, rule_label, rule_slug
 
 DEFAULT_RULES: tuple[str, ...] = (
     "base",
@@ -97,11 +97,16 @@ def run_sweep(
     ``aligner`` decodes every point (it runs the proxy's base model only for the rules that read
     it); ``run_for(rule)`` gives the method record of ``run.json``.
     ``eval_kwargs`` go to `run_eval` (data_dir, limit, batch_size, decoding, progress, ranks).
+    Progress names the point and the task: ``KAD dual λ=0.2 (2/9) · gsm8k`` (of a single
+    point: ``KAD dual λ=0.4 · gsm8k``).
     """
     root = Path(out_dir)
     summaries = []
-    for rule in points:
+    for number, rule in enumerate(points, 1):
         folder = root / rule_slug(rule)
+        point = rule_label(rule) + (f" ({number}/{len(points)})" if len(points) > 1 else "")
         for task in tasks:
-            summaries.append(run_eval(aligner, task, rule, folder, run_for(rule), **eval_kwargs))
+            run = run_for(rule)
+            label = f"{point} · {task.name}"
+            summaries.append(run_eval(aligner, task, rule, folder, run, label=label, **eval_kwargs))
     return summaries

@@ -16,7 +16,6 @@ scored by the log-probability of each answer under the mixture π (``Aligner.sco
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterator, Sequence
@@ -36,6 +35,7 @@ from kad.eval.extract import (
     numbers_equal,
 )
 from kad.prompt import Prompt, Raw
+from kad.textfiles import parse_json, read_text
 
 DATA_DIR_ENV = "KAD_DATA_DIR"
 Example = dict[str, Any]
@@ -57,15 +57,31 @@ def resolve_data_dir(data_dir: str | os.PathLike[str] | None) -> Path | None:
     return Path(chosen).expanduser() if chosen is not None else None
 
 
-def _read_local(path: Path) -> list[Example]:
-    """A JSON Lines file, or a JSON array."""
-    with path.open(encoding="utf-8") as handle:
-        if path.suffix == ".jsonl":
-            return [json.loads(line) for line in handle if line.strip()]
-        records = json.load(handle)
-    if not isinstance(records, list):
-        raise KadError(f"{path} should hold a JSON array of records")
-    return records
+def _read_local(path: Path, fields: Sequence[str]) -> list[Example]:
+    """The records of a JSON Lines file (blank lines skipped) or of a JSON array: objects with
+    every one of ``fields``. A `KadError` names the file and the line (of a JSON array, the
+    record) of the first one that is not."""
+    text = read_text(path)
+    if path.suffix == ".jsonl":
+        located = [
+            (f"line {number}", parse_json(line, path, number))
+            for number, line in enumerate(text.split("\n"), 1)
+            if line.strip()
+        ]
+    else:
+        records = parse_json(text, path)
+        if not isinstance(records, list):
+            raise KadError(f"{path} should hold a JSON array of records")
+        located = [(f"record {number}", record) for number, record in enumerate(records, 1)]
+    for where, record in located:
+        if not isinstance(record, dict):
+            raise KadError(
+                f"{path} {where} is not a JSON object (a record with {', '.join(fields)})"
+            )
+        missing = [name for name in fields if name not in record]
+        if missing:
+            raise KadError(f"{path} {where} lacks the field(s) {', '.join(missing)}")
+    return [record for _, record in located]
 
 
 def _read_hub(source: Source) -> Iterator[Example]:
@@ -86,6 +102,26 @@ def _read_hub(source: Source) -> Iterator[Example]:
     yield from rows
 
 
+def check_data_dir(tasks: Sequence[Task], data_dir: str | os.PathLike[str] | None) -> None:
+    """`KadError` unless the data dir (``data_dir``, else ``$KAD_DATA_DIR``; neither: the Hub,
+    nothing to check) is a folder that holds the file of every task, naming each one missing."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        return
+    if not root.is_dir():
+        what = "is not a folder" if root.exists() else "does not exist"
+        raise KadError(f"the data dir {root} {what} (give --data-dir or set {DATA_DIR_ENV})")
+    missing = [
+        f"{file} (task {task.name})"
+        for task in tasks
+        if (file := task.data_file()) is not None and not (root / file).is_file()
+    ]
+    if missing:
+        raise KadError(
+            f"the data dir {root} lacks {', '.join(missing)}: lay it out like shared/datasets"
+        )
+
+
 class Task:
     """A benchmark. Subclasses set ``name``, ``source``, ``kind`` and the methods below."""
 
@@ -94,6 +130,7 @@ class Task:
     kind: ClassVar[Literal["generate", "likelihood"]] = "generate"
     stop: ClassVar[tuple[str, ...]] = ()
     id_field: ClassVar[str | None] = None
+    fields: ClassVar[tuple[str, ...]] = ()  # what every record of a local file must hold
     exemplars: ClassVar[Sequence[Any]] = ()
 
     def __init__(self, shots: int | None = None) -> None:
@@ -105,19 +142,20 @@ class Task:
     def examples(
         self, data_dir: str | os.PathLike[str] | None = None, limit: int | None = None
     ) -> Iterator[Example]:
-        """The records, in file order, as dicts with their upstream field names."""
+        """The records, in file order, as dicts with their upstream field names; a local file
+        is read and checked whole (`check_data_dir`, then every record: `_read_local`)."""
         root = resolve_data_dir(data_dir)
         if root is None:
             records: Iterator[Example] = _read_hub(self.source)
         else:
-            path = root / self.source.local
-            if not path.is_file():
-                raise KadError(
-                    f"task {self.name}: {path} does not exist (expected the layout of "
-                    f"shared/datasets under the data dir {root})"
-                )
-            records = iter(_read_local(path))
+            check_data_dir([self], root)
+            fields = (*self.fields, *([self.id_field] if self.id_field else []))
+            records = iter(_read_local(root / self.source.local, fields))
         return islice(records, limit)
+
+    def data_file(self) -> str | None:
+        """The task's file under the data dir (``gsm8k/test.jsonl``); None if it reads none."""
+        return self.source.local
 
     def example_id(self, example: Example, index: int) -> str:
         """A stable id: the upstream id field, else the position in the file."""
@@ -140,6 +178,7 @@ class GSM8K(Task):
     name = "gsm8k"
     source = Source("gsm8k/test.jsonl", "gsm8k", "main", "test")
     stop = ("\nQ:", "\n\n\n")
+    fields = ("question", "answer")
     exemplars = prompts.ARITHMETIC_SHOTS
 
     def question(self, example: Example) -> str:
@@ -167,6 +206,7 @@ class SVAMP(GSM8K):
     name = "svamp"
     source = Source("svamp/SVAMP.json", "ChilleD/SVAMP", None, "test")
     id_field = "ID"
+    fields = ("Body", "Question", "Answer")
 
     def question(self, example: Example) -> str:
         return f"{example['Body'].strip()} {example['Question'].strip()}"
@@ -181,6 +221,7 @@ class MATH500(Task):
     source = Source("math500/test.jsonl", "HuggingFaceH4/MATH-500", None, "test")
     stop = ("\nProblem:",)
     id_field = "unique_id"
+    fields = ("problem", "answer")
     exemplars = prompts.MATH_SHOTS
 
     def prompt(self, example: Example) -> Prompt:
@@ -204,6 +245,7 @@ class ARCChallenge(Task):
     source = Source("arc_challenge/test.jsonl", "allenai/ai2_arc", "ARC-Challenge", "test")
     stop = ("\nQ:", "\n\n")
     id_field = "id"
+    fields = ("question", "choices", "answerKey")
     exemplars = prompts.SCIENCE_SHOTS
 
     def prompt(self, example: Example) -> Prompt:
@@ -247,6 +289,7 @@ class TruthfulQAMC1(Task):
     )
     kind = "likelihood"
     targets_field: ClassVar[str] = "mc1_targets"
+    fields = ("question", "mc1_targets")
     exemplars = prompts.TRUTHFULQA_SHOTS
 
     def prompt(self, example: Example) -> Prompt:
@@ -284,6 +327,7 @@ class TruthfulQAMC2(TruthfulQAMC1):
 
     name = "truthfulqa_mc2"
     targets_field = "mc2_targets"
+    fields = ("question", "mc2_targets")
 
     def metric(self, logprobs: Sequence[float], example: Example) -> float:
         _, labels = self.choices(example)
@@ -304,6 +348,9 @@ class Toy(Task):
         self, data_dir: str | os.PathLike[str] | None = None, limit: int | None = None
     ) -> Iterator[Example]:
         return iter(world.heldout_problems(limit or self.default_size, split="test"))
+
+    def data_file(self) -> str | None:
+        return None
 
     def prompt(self, example: Example) -> Prompt:
         """The base reads the question as web text, the proxy as a chat turn."""

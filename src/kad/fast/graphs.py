@@ -149,3 +149,13 @@ def seconds(fn: Callable[[], Any], device: torch.device, repeats: int = 20) -> f
             times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
+
+
+def to_device(values: list[float] | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host values as a tensor on ``device`` without waiting for the device: through pinned
+    memory on a GPU (a pageable copy, or ``tensor[i] = x``, would wait for every queued kernel,
+    a round in flight included)."""
+    host = values if isinstance(values, torch.Tensor) else torch.tensor(values)
+    if device.type != "cuda":
+        return host
+    return host.pin_memory().to(device, non_blocking=True)

@@ -53,7 +53,8 @@ class Arch:
     post_norm: bool  # OLMo2: x + norm(attn(x)), x + norm(mlp(x))
     qk_norm: str | None  # "head" (Qwen3), "full" (OLMo2) or None
     weight_first: bool  # RMSNorm multiplies by w in float32, then casts (OLMo2)
-    shards: int = 1  # tensor parallelism: ranks that split the heads (heads here are per rank)
+    # tensor parallelism: the whole model's (heads, KV heads); the two above are then this rank's
+    whole_heads: tuple[int, int] | None = None
 
     @property
     def qkv_sizes(self) -> tuple[int, int, int]:
@@ -342,7 +343,8 @@ def sharded_qk_norm(
     q ``[B, n, H·D]``, k ``[B, n, Hkv·D]`` (this rank's heads)."""
     squares = torch.stack([q.float().pow(2).sum(-1), k.float().pow(2).sum(-1)], dim=-1)
     squares = summed(squares, group)  # [B, n, 2]
-    widths = (arch.heads * arch.head_dim * arch.shards, arch.kv_heads * arch.head_dim * arch.shards)
+    heads, kv_heads = arch.whole_heads or (arch.heads, arch.kv_heads)
+    widths = (heads * arch.head_dim, kv_heads * arch.head_dim)  # of the whole q and k
     out = []
     for i, (x, weight) in enumerate(((q, w.q_norm), (k, w.k_norm))):
         h = x.float() * torch.rsqrt(squares[..., i : i + 1] / widths[i] + arch.eps)

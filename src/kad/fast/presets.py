@@ -148,11 +148,11 @@ def preset_config(name: str) -> PretrainedConfig:
 def parse_pair(spec: str) -> tuple[str, str]:
     """``BASE[:PROXY]`` -> (base, proxy); the proxy defaults to the family's small model."""
     base, _, proxy = spec.partition(":")
+    preset_config(base)  # an unknown name is said to be one before its proxy is asked for
     proxy = proxy or PAIRS.get(base, "")
     if not proxy:
         raise KadError(f"give the proxy preset of {base!r} as {base}:PROXY")
-    for name in (base, proxy):
-        preset_config(name)
+    preset_config(proxy)
     return base, proxy
 
 
@@ -227,7 +227,7 @@ def random_aligner(
     (every rank makes the same weights from ``seed``). ``quantize``: per role, as
     `Aligner.from_pretrained`'s (made layer by layer, see `random_model`)."""
     from kad.fast.quant import parse_quantize
-    from kad.parallel.group import check_divides, check_size, launch
+    from kad.parallel.group import check_shardable, check_size, launch
 
     formats = parse_quantize(quantize)
     if "proxy_base" in formats:
@@ -242,7 +242,7 @@ def random_aligner(
         return build(None, device=device, **runtime)
     if formats:
         raise KadError("tensor parallelism does not shard quantized models yet: drop quantize")
-    check_divides(preset_config(base_name), n, base_name)
+    check_shardable(preset_config(base_name), n, base_name)
     return launch(n, device, functools.partial(build, **runtime))
 
 

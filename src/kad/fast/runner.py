@@ -13,12 +13,15 @@ are the pool's first rows (the scheduler keeps the occupied slots packed). Decod
 run the compiled layer (and are captured in the round's graph on a GPU). On a CPU everything
 runs eagerly and attends only over the columns in use.
 
-**Prefill on a GPU** runs as CUDA graphs of the plain layer too, one per (rows, tokens, width)
-bucket (`PREFILL_ROWS` × `PREFILL_TOKENS` within `PREFILL_AREA` padded tokens, `width_buckets`
-of the context): an eager forward launches hundreds of kernels per model, tens of
-milliseconds of Python each time a request joins. A graph reads its slots from a buffer, so the
-rows need not be consecutive; padding rows point at one scratch slot past the pool (index R),
-which no sequence uses. Chunks too long for a bucket run eagerly (they are compute-bound).
+**Prefill on a GPU** runs as CUDA graphs too, one per (rows, tokens, width) bucket
+(`PREFILL_ROWS` × `PREFILL_TOKENS` within `PREFILL_AREA` padded tokens, `width_buckets` of the
+context): an eager forward launches hundreds of kernels per model, tens of milliseconds of
+Python each time a request joins. A row of a bucket is a piece of a chunk: a prompt of a short
+row goes in pieces of 16 tokens (`PREFILL_PIECE`), through the compiled decode layer and
+attention kernel, padded to a multiple of 16 only; a chunk of a long row is one piece. A graph
+reads each piece's slot and first column from buffers, so pieces need not be consecutive slots;
+padding rows point at one scratch slot past the pool (index R), which no sequence uses. Chunks
+too long for a bucket run eagerly (they are compute-bound).
 """
 
 from __future__ import annotations
@@ -39,13 +42,16 @@ from kad.fast.graphs import (
     mark_step_dynamic,
     seconds,
     static_shapes,
+    to_device,
 )
 from kad.fast.llama import DECODE_TOKENS, LlamaFamily, layer_forward, rms_norm
 from kad.runtime.runner import log_probs, prefill_in_runs
 
-PREFILL_ROWS = (1, 2, 3, 4, 6, 8)
+PREFILL_ROWS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # pieces of one graphed prefill
 PREFILL_TOKENS = (16, 32, 48, 64, 96, 128, 192, 256, 384, 512)
 PREFILL_AREA = 512  # padded tokens (rows × tokens) of one graphed prefill
+PREFILL_PIECE = DECODE_TOKENS  # a chunk's piece: the compiled decode layer and attention kernel
+PIECE_COLUMNS = 1024  # chunks go in pieces while their row stays within this many columns
 MIN_WIDTH = 256  # the narrowest width bucket of a graph
 
 
@@ -156,42 +162,53 @@ class StaticRunner:
         cached: dict[int, int],
         program: Callable[[int, int, int], Graph | Program],
     ) -> None:
-        """Prefill by (rows, tokens, width) buckets, each run by ``program(rows, n, width)``
-        (a captured graph, or the same program run eagerly); longer chunks run eagerly."""
-        small = {s: c for s, c in chunks.items() if len(c) <= PREFILL_TOKENS[-1]}
-        if len(small) < len(chunks):
-            prefill_in_runs(self, {s: c for s, c in chunks.items() if s not in small}, cached)
+        """Prefill by (pieces, tokens, width) buckets, each run by ``program(rows, n, width)``
+        (a captured graph, or the same program run eagerly); longer chunks run eagerly.
+
+        A chunk whose row stays within `PIECE_COLUMNS` goes in pieces of `PREFILL_PIECE` tokens
+        (each a row of the bucket, at its own columns of the slot): they run the compiled
+        decode layer and attention kernel, and a chunk is padded to a multiple of 16 tokens
+        rather than to the token bucket of the longest chunk beside it. Pieces of one slot see
+        each other: every layer writes all keys before it attends."""
+        parts = [piece for slot, chunk in chunks.items() for piece in _pieces(slot, chunk, cached)]
+        small = [piece for piece in parts if len(piece.tokens) <= PREFILL_TOKENS[-1]]
+        if len(small) < len(parts):
+            long = {p.slot: p.tokens for p in parts if len(p.tokens) > PREFILL_TOKENS[-1]}
+            prefill_in_runs(self, long, cached)
         for group in _groups(small):
             rows = _fit(len(group), PREFILL_ROWS)
-            n = _fit(len(small[group[0]]), PREFILL_TOKENS)
-            step = program(rows, n, fit_width(self.context, max(cached[s] for s in group) + n))
-            slots, tokens, counts = step.inputs
-            host = torch.zeros(3, rows, n, dtype=torch.long)  # slots, counts, tokens
+            n = _fit(len(group[0].tokens), PREFILL_TOKENS)
+            step = program(rows, n, fit_width(self.context, max(p.start for p in group) + n))
+            slots, starts, tokens, counts = step.inputs
+            host = torch.zeros(4, rows, n, dtype=torch.long)  # slots, starts, counts, tokens
             host[0].fill_(self.rows)
-            for b, slot in enumerate(group):
-                host[0, b], host[1, b] = slot, len(small[slot])
-                host[2, b, : len(small[slot])] = torch.tensor(small[slot])
-            host = host.to(self.device)
+            for b, piece in enumerate(group):
+                host[0, b], host[1, b], host[2, b] = piece.slot, piece.start, len(piece.tokens)
+                host[3, b, : len(piece.tokens)] = torch.tensor(piece.tokens)
+            host = to_device(host, self.device)
             slots.copy_(host[0, :, 0])
-            counts.copy_(host[1, :, 0])
-            tokens.copy_(host[2])
+            starts.copy_(host[1, :, 0])
+            counts.copy_(host[2, :, 0])
+            tokens.copy_(host[3])
             step.replay()
 
     def prefill_program(self, rows: int, n: int, width: int) -> Program:
-        """The prefill of ``rows`` slots × ``n`` tokens over ``width`` columns, on buffers:
-        slots ``[rows]`` (padding: the scratch slot R), tokens ``[rows, n]``, counts ``[rows]``
-        (the real tokens of each row, committed). Only the scratch slot is written while the
-        buffers hold their initial values, so a warm-up run changes nothing."""
+        """The prefill of ``rows`` pieces × ``n`` tokens over ``width`` columns, on buffers:
+        slots ``[rows]`` (padding: the scratch slot R), starts ``[rows]`` (each piece's first
+        column), tokens ``[rows, n]``, counts ``[rows]`` (the real tokens of each piece,
+        committed). Only the scratch slot is written while the buffers hold their initial
+        values, so a warm-up run changes nothing."""
         dev = self.device
         slots = torch.full((rows,), self.rows, dtype=torch.long, device=dev)
+        starts = torch.zeros(rows, dtype=torch.long, device=dev)
         tokens = torch.zeros(rows, n, dtype=torch.long, device=dev)
         counts = torch.zeros(rows, dtype=torch.long, device=dev)
 
         def run() -> None:
-            self._layers(self.lengths[slots], tokens, width, 0, slots, False)
+            self._layers(starts, tokens, width, 0, slots, True)
             self.lengths.index_add_(0, slots, counts)
 
-        return Program(run, (slots, tokens, counts))
+        return Program(run, (slots, starts, tokens, counts))
 
     def prefill_graph(self, rows: int, n: int, width: int) -> Graph:
         """`prefill_program` captured (once per bucket)."""
@@ -222,10 +239,10 @@ class StaticRunner:
         for cache in (self.keys, self.values):  # every layer in one copy
             cache[:, dst, :, :used] = cache[:, src, :, :used]
         self.lengths[dst] = self.lengths[src]
-        self.lengths[src] = 0
+        self.lengths[src].fill_(0)  # fill_: `t[i] = 0` would wait for the device
 
     def clear(self, slot):
-        self.lengths[slot] = 0
+        self.lengths[slot].fill_(0)
 
     @torch.inference_mode()
     def step_seconds(self, batch: int, n: int = 1) -> float:
@@ -273,18 +290,33 @@ def _fit(value: int, buckets: tuple[int, ...]) -> int:
     return next(b for b in buckets if b >= value)
 
 
-def _groups(chunks: dict[int, list[int]]) -> list[list[int]]:
-    """Slots grouped for graphed prefills, longest chunk first: a group grows while its padded
-    area (row bucket × token bucket of its longest chunk) stays within `PREFILL_AREA`."""
-    order = sorted(chunks, key=lambda s: -len(chunks[s]))
-    groups: list[list[int]] = []
-    for slot in order:
+class Piece(NamedTuple):
+    """Tokens of one slot's chunk cached by one row of a prefill, from column ``start``."""
+
+    slot: int
+    start: int
+    tokens: list[int]
+
+
+def _pieces(slot: int, chunk: list[int], cached: dict[int, int]) -> list[Piece]:
+    """The chunk in pieces of `PREFILL_PIECE` tokens while its row stays within
+    `PIECE_COLUMNS` columns (a piece's attention reads its row's columns), else whole."""
+    start = cached[slot]
+    size = PREFILL_PIECE if start + len(chunk) <= PIECE_COLUMNS else len(chunk)
+    return [Piece(slot, start + i, chunk[i : i + size]) for i in range(0, len(chunk), size)]
+
+
+def _groups(pieces: list[Piece]) -> list[list[Piece]]:
+    """Pieces grouped for graphed prefills, longest first: a group grows while its padded
+    area (row bucket × token bucket of its longest piece) stays within `PREFILL_AREA`."""
+    groups: list[list[Piece]] = []
+    for piece in sorted(pieces, key=lambda p: -len(p.tokens)):
         if groups:
             group = groups[-1]
-            longest = _fit(len(chunks[group[0]]), PREFILL_TOKENS)
+            longest = _fit(len(group[0].tokens), PREFILL_TOKENS)
             rows = len(group) + 1
             if rows <= PREFILL_ROWS[-1] and _fit(rows, PREFILL_ROWS) * longest <= PREFILL_AREA:
-                group.append(slot)
+                group.append(piece)
                 continue
-        groups.append([slot])
+        groups.append([piece])
     return groups

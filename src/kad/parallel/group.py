@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from kad.errors import KadError
 from kad.eval.data_parallel import free_port, keep_multicast_off
+from kad.parallel.shard import check_sizes
 
 # Followers wait on the driver between requests: an idle server must not time them out
 # (KAD_TP_TIMEOUT, in seconds, shortens it: tests, batch jobs).
@@ -42,26 +43,19 @@ def check_size(tensor_parallel: Any, device: torch.device) -> int:
     return n
 
 
-def check_divides(config: Any, n: int, name: str = "the base") -> None:
-    """`KadError` unless N divides the attention heads, KV heads and MLP width of ``config``
-    (a transformers config), read before any weights load."""
+def check_shardable(config: Any, n: int, name: str = "the base") -> None:
+    """`KadError` unless each of N ranks gets at least one of the KV heads and of the MLP
+    columns of ``config`` (a transformers config; `kad.parallel.shard.check_sizes`), read
+    before any weights load."""
     text = getattr(config, "text_config", None) or config
-    sizes = {
-        "attention heads": getattr(text, "num_attention_heads", None),
-        "KV heads": getattr(text, "num_key_value_heads", None)
-        or getattr(text, "num_attention_heads", None),
-        "MLP width (intermediate_size)": getattr(text, "intermediate_size", None),
-    }
-    for label, size in sizes.items():
-        if size is not None and size % n:
-            raise KadError(
-                f"tensor_parallel={n} must divide {name}'s {label}: it has {size}; "
-                f"choose a divisor of {size}"
-            )
+    kv_heads = getattr(text, "num_key_value_heads", None) or getattr(
+        text, "num_attention_heads", None
+    )
+    check_sizes(kv_heads, getattr(text, "intermediate_size", None), n, name)
 
 
-def check_model_divides(spec: str | os.PathLike, n: int) -> None:
-    """`check_divides` on a model directory or Hub id's config.json (GGUF files are checked
+def check_model_shardable(spec: str | os.PathLike, n: int) -> None:
+    """`check_shardable` on a model directory or Hub id's config.json (GGUF files are checked
     once loaded)."""
     from pathlib import Path
 
@@ -74,7 +68,7 @@ def check_model_divides(spec: str | os.PathLike, n: int) -> None:
         config = AutoConfig.from_pretrained(str(path) if path.exists() else str(spec))
     except (OSError, ValueError):
         return  # the loader reports a missing or unreadable model in its own words
-    check_divides(config, n, str(spec))
+    check_shardable(config, n, str(spec))
 
 
 @dataclass

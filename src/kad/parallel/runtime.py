@@ -62,7 +62,7 @@ class AgreedTimings:
 
 class ShardedRunner(AgreedTimings, StaticRunner):
     """A `StaticRunner` over this rank's shard of the base (`kad.parallel.shard`): its KV pool
-    holds this rank's KV heads ``[R, Hkv/N, S, D]``; each layer sums o's and down's outputs over
+    holds this rank's KV heads ``[R, Hkv_r, S, D]``; each layer sums o's and down's outputs over
     the ranks; `agree` gives every rank rank 0's values of the round's decisions."""
 
     def __init__(
@@ -126,10 +126,16 @@ class ParallelRuntime(Runtime):
     def _plan(
         self, models: dict[str, PreTrainedModel], contexts: dict[str, int], **sizes: Any
     ) -> PoolPlan:
-        """This rank's pool: on its device, 1/N of the base's KV heads."""
-        return plan_pool(
-            models, contexts, device=self.tp.device, kv_shards={"base": self.tp.world}, **sizes
-        )
+        """This rank's pool, on its device, for its share of the base's KV heads; its rows are
+        the fewest that any rank fits (shares and free memory differ), the same on every rank."""
+        held = {"base": self._base.arch.kv_heads}
+        plan = plan_pool(models, contexts, device=self.tp.device, kv_heads=held, **sizes)
+        rows = torch.tensor([plan.rows])
+        dist.all_reduce(rows, op=dist.ReduceOp.MIN, group=self.tp.control)
+        if int(rows) == plan.rows:
+            return plan
+        sizes = {**sizes, "max_rows": int(rows)}
+        return plan_pool(models, contexts, device=self.tp.device, kv_heads=held, **sizes)
 
     def _runner(
         self,

@@ -1,14 +1,21 @@
 """One rank's shard of a Llama-family model's tensors (`kad.fast.llama.LlamaFamily`).
 
-Rank r of N holds, on its own device:
+The KV heads are split over the N ranks as evenly as they go, the first ranks taking one more
+(`split`: 5 KV heads over 2 ranks are 3 + 2, over 4 ranks 2 + 1 + 1 + 1), and each rank takes
+the query heads that read its KV heads (with GQA, query head h reads KV head h // (H/Hkv)). Rank
+r, holding KV heads k0 .. k1 − 1, holds on its own device:
 
-- attention: the q heads r·H/N .. (r+1)·H/N − 1 and the KV heads r·Hkv/N .. (r+1)·Hkv/N − 1 of
-  the fused ``qkv`` (rows, with their biases), so query head h still reads KV head h // (H/Hkv);
-  the matching columns of ``o`` (its bias on rank 0 only, as the outputs are summed);
-- MLP: rows r·I/N .. (r+1)·I/N − 1 of gate and of up (``gate_up`` stays one product) and the
-  matching columns of ``down`` (its bias on rank 0);
+- attention: those KV heads and the query heads k0·H/Hkv .. k1·H/Hkv − 1 of the fused ``qkv``
+  (rows, with their biases), and the matching columns of ``o`` (its bias on rank 0 only, as the
+  outputs are summed);
+- MLP: its part of the rows of gate and of up (split like the heads; ``gate_up`` stays one
+  product) and the matching columns of ``down`` (its bias on rank 0);
 - OLMo2's whole-projection q/k norms: the weights of its own heads;
 - whole: the embedding, the norms, the output head.
+
+The sums after ``o`` and ``down`` add up partial products, so an uneven split is as exact as an
+even one. Each rank holds at least one KV head: N above the KV heads is refused
+(`check_sizes`), where vLLM would replicate KV heads.
 
 The output head is replicated rather than split by vocabulary: every rank then computes the same
 full logits with no gather of ``[B, γ+1, V]`` float32 logits (a gather that grows with the batch
@@ -19,12 +26,34 @@ distribution on every rank anyway.
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import replace
 
 import torch
 
 from kad.errors import KadError
 from kad.fast.llama import Layer, Linear, LlamaFamily
+
+
+def split(size: int, world: int) -> list[tuple[int, int]]:
+    """Each rank's part start..end of ``size`` things (KV heads, MLP columns), as even as it
+    goes: the first size % world ranks take one more."""
+    step, extra = divmod(size, world)
+    bounds = [rank * step + min(rank, extra) for rank in range(world + 1)]
+    return list(itertools.pairwise(bounds))
+
+
+def check_sizes(
+    kv_heads: int | None, width: int | None, world: int, name: str = "the base"
+) -> None:
+    """`KadError` unless every one of ``world`` ranks gets at least one of ``name``'s
+    ``kv_heads`` KV heads and of its MLP ``width`` columns (None: not known, not checked)."""
+    for label, size in (("KV heads", kv_heads), ("MLP width (intermediate_size)", width)):
+        if size is not None and world > size:
+            raise KadError(
+                f"tensor_parallel={world} is more than {name}'s {label} ({size}): each rank "
+                f"holds at least one; choose at most {size}"
+            )
 
 
 def _rows(t: torch.Tensor | None, blocks: list[tuple[int, int]], device: torch.device):
@@ -40,30 +69,22 @@ def _columns(layer: Linear, start: int, end: int, keep_bias: bool, device: torch
     return Linear(layer.weight[:, start:end].to(device).contiguous(), bias)
 
 
-def _slice(n: int, rank: int, world: int) -> tuple[int, int]:
-    step = n // world
-    return rank * step, (rank + 1) * step
-
-
 def shard_family(net: LlamaFamily, rank: int, world: int, device: torch.device) -> LlamaFamily:
     """Rank ``rank``'s shard of ``net`` on ``device`` (module doc); ``net`` is left whole."""
     arch = net.arch
-    sizes = {"heads": arch.heads, "KV heads": arch.kv_heads}
-    sizes["MLP width"] = net.layers[0].gate_up.weight.shape[0] // 2
-    for label, size in sizes.items():
-        if size % world:
-            raise KadError(f"tensor_parallel={world} must divide the base's {label}: it has {size}")
+    width = net.layers[0].gate_up.weight.shape[0] // 2
+    check_sizes(arch.kv_heads, width, world)
     for layer in net.layers:
         if any(type(p) is not Linear for p in (layer.qkv, layer.o, layer.gate_up, layer.down)):
             raise KadError("tensor parallelism does not shard quantized linear layers yet")
-    d = arch.head_dim
-    q0, q1 = _slice(arch.heads * d, rank, world)
-    k0, k1 = _slice(arch.kv_heads * d, rank, world)
+    d, group = arch.head_dim, arch.heads // arch.kv_heads
+    kv0, kv1 = split(arch.kv_heads, world)[rank]
+    q0, q1 = kv0 * group * d, kv1 * group * d  # this rank's q rows (and o columns)
+    k0, k1 = kv0 * d, kv1 * d  # its rows within k (and within v)
     q_width, kv_width = arch.heads * d, arch.kv_heads * d
     v_width = q_width + kv_width
     qkv_blocks = [(q0, q1), (q_width + k0, q_width + k1), (v_width + k0, v_width + k1)]
-    width = sizes["MLP width"]
-    m0, m1 = _slice(width, rank, world)
+    m0, m1 = split(width, world)[rank]
     full_qk = arch.qk_norm == "full"
     layers = []
     for w in net.layers:
@@ -86,7 +107,10 @@ def shard_family(net: LlamaFamily, rank: int, world: int, device: torch.device) 
         )
     shard = copy.copy(net)
     shard.arch = replace(
-        arch, heads=arch.heads // world, kv_heads=arch.kv_heads // world, shards=world
+        arch,
+        heads=(kv1 - kv0) * group,
+        kv_heads=kv1 - kv0,
+        whole_heads=(arch.heads, arch.kv_heads),
     )
     shard.layers = layers
     shard.embed = net.embed.to(device)

@@ -16,6 +16,7 @@ from transformers import PreTrainedModel
 
 from kad import rules
 from kad.errors import KadError
+from kad.fast.graphs import to_device
 from kad.fast.quant import weight_bytes
 
 CPU_BUDGET = 2**30  # bytes of KV pool on a CPU when nobody says
@@ -25,13 +26,14 @@ DEFAULT_CONTEXT = 4096
 DEFAULT_MEMORY_FRACTION = 0.85
 
 
-def kv_bytes_per_token(model: PreTrainedModel) -> int:
-    """Bytes of keys and values one token takes in ``model``'s cache."""
+def kv_bytes_per_token(model: PreTrainedModel, kv_heads: int | None = None) -> int:
+    """Bytes of keys and values one token takes in ``model``'s cache (in ``kv_heads`` of its
+    KV heads, a tensor-parallel shard, when given)."""
     config = model.config
     text = getattr(config, "text_config", None) or config
     layers = getattr(text, "num_hidden_layers", None) or text.n_layer
     heads = getattr(text, "num_attention_heads", None) or text.n_head
-    kv_heads = getattr(text, "num_key_value_heads", None) or heads
+    kv_heads = kv_heads or getattr(text, "num_key_value_heads", None) or heads
     hidden = getattr(text, "hidden_size", None) or text.n_embd
     head_dim = getattr(text, "head_dim", None) or hidden // heads
     size = model.get_input_embeddings().weight.element_size()  # the cache's dtype
@@ -55,15 +57,15 @@ def plan_pool(
     max_context: int | None = None,
     memory_fraction: float | None = None,
     device: torch.device | None = None,
-    kv_shards: dict[str, int] | None = None,
+    kv_heads: dict[str, int] | None = None,
 ) -> PoolPlan:
     """Size the pool. Each model gets min(max_context, its own context) columns. Rows:
     ``max_rows``, or as many as the budget holds: on a GPU ``memory_fraction`` of the device
     memory less what is already used (weights), on a CPU 1 GiB, or ``memory_fraction`` of the
     host memory less the models' weights (`weight_bytes`: quantized projections count their
     quantized bytes); at most 256 (GPU) or 64 (CPU). ``device``: where the pools live
-    (default: the first model's); ``kv_shards``: role -> the ranks that split its KV heads
-    (tensor parallelism: each rank holds 1/N of its cache)."""
+    (default: the first model's); ``kv_heads``: role -> the KV heads its pool holds (tensor
+    parallelism: a rank's shard of them)."""
     if max_rows is not None and (
         isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1
     ):
@@ -76,10 +78,8 @@ def plan_pool(
         raise KadError(f"memory_fraction must be in (0, 1], got {memory_fraction!r}")
     wanted = DEFAULT_CONTEXT if max_context is None else max_context
     contexts = {role: min(wanted, model_contexts[role]) for role in models}
-    shards = kv_shards or {}
-    per_row = sum(
-        kv_bytes_per_token(m) // shards.get(r, 1) * contexts[r] for r, m in models.items()
-    )
+    held = kv_heads or {}
+    per_row = sum(kv_bytes_per_token(m, held.get(r)) * contexts[r] for r, m in models.items())
     if device is None:
         device = next(iter(models.values())).get_input_embeddings().weight.device
     if device.type == "cuda":
@@ -112,7 +112,8 @@ def _host_memory() -> int:
 
 class SlotTable:
     """Per-slot decoding state on the device ``[R, ...]`` (module doc). Rows of a batch are
-    read as views of the first B slots; the host writes a slot when a sequence takes it."""
+    read as views of the first B slots; the host writes a slot when a sequence takes it, with
+    writes that never wait for the device (`to_device`, ``fill_``)."""
 
     def __init__(self, rows: int, roles: list[str], device: torch.device) -> None:
         self.rules = torch.zeros(rows, 1 + len(rules.COLUMNS), device=device)  # rule_row's
@@ -131,18 +132,18 @@ class SlotTable:
         self, slot: int, rule_row: list[float], warp_row: list[float], seed: int, uses: bool
     ) -> None:
         """A sequence takes ``slot``: its parameters, not yet decoding."""
-        self.rules[slot] = torch.tensor(rule_row)
-        self.warps[slot] = torch.tensor(warp_row)
-        self.seeds[slot] = seed
-        self.steps[slot] = 0
-        self.uses_proxy_base[slot] = int(uses)
-        self.active[slot] = False
+        self.rules[slot].copy_(to_device(rule_row, self.rules.device), non_blocking=True)
+        self.warps[slot].copy_(to_device(warp_row, self.warps.device), non_blocking=True)
+        self.seeds[slot].fill_(seed)
+        self.steps[slot].fill_(0)
+        self.uses_proxy_base[slot].fill_(int(uses))
+        self.active[slot].fill_(False)
 
     def start(self, slot: int, pending: dict[str, int]) -> None:
         """The slot's prompt is cached: feed each model its last prompt token next, decode."""
         for role, token in pending.items():
-            self.pending[role][slot] = token
-        self.active[slot] = True
+            self.pending[role][slot].fill_(token)
+        self.active[slot].fill_(True)
 
     def move(self, src: int, dst: int) -> None:
         for tensor in (
@@ -155,7 +156,7 @@ class SlotTable:
             *self.pending.values(),
         ):
             tensor[dst] = tensor[src]
-        self.active[src] = False
+        self.active[src].fill_(False)
 
     def clear(self, slot: int) -> None:
-        self.active[slot] = False
+        self.active[slot].fill_(False)

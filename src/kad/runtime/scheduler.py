@@ -13,6 +13,15 @@ Each `step()` is one iteration at a round boundary:
    moves into the hole, so occupied slots stay packed at the front of the pool and a round's
    batch is a view of the pool's first rows (padded up to a bucket on a GPU).
 
+**Overlap (on a GPU).** A round reads all its inputs from the device and commits on the device,
+so round k + 1 is launched before the host reads round k's results (`pipelined`): the host's
+work of a round (recording tokens, text, stop strings, releasing slots, admitting and
+prefilling) runs while the GPU decodes the next round, and each step returns the events of the
+round before. A row that finishes in round k has decoded once more in round k + 1: that token
+is dropped, so a row's tokens are those of the synchronous loop. Host writes to the device never
+wait for it (`kad.runtime.pool.to_device`), and a slot that moves while a round is in flight
+copies the columns that round may write too.
+
 **γ, per request.** A round has one draft length for its batch. It is 0 (plain) while any
 running row asks for plain decoding; otherwise the smallest fixed γ that a row asks for, or the
 `AutoGamma` choice when rows ask for "auto" (capped by the fixed ones). Decoding is lossless, so
@@ -28,7 +37,7 @@ from collections import deque
 from collections.abc import Callable
 from collections.abc import Sequence as Seq
 from dataclasses import replace
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from transformers import PreTrainedModel
@@ -120,6 +129,8 @@ class Runtime:
             if isinstance(runner, StaticRunner):
                 runner.graph_pool = self._pool  # its prefill graphs
         self._beside = torch.cuda.Stream(self.device) if self.graphed else None
+        self.pipelined = self.graphed  # launch round k + 1 before reading round k (module doc)
+        self._inflight: Launched | None = None  # the round launched and not yet read
 
     def _plan(
         self, models: dict[str, PreTrainedModel], contexts: dict[str, int], **sizes: Any
@@ -150,7 +161,7 @@ class Runtime:
 
     @property
     def idle(self) -> bool:
-        return not self.waiting and self.used == 0
+        return not self.waiting and self.used == 0 and self._inflight is None
 
     def budget(self, prompt_ids: dict[str, list[int]], max_new_tokens: int) -> int:
         """The new tokens a request may have: ``max_new_tokens`` within every model's context.
@@ -186,12 +197,16 @@ class Runtime:
 
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """One iteration (module doc); events are keyed by sequence id (``StepEvent.row``)."""
+        """One iteration (module doc); events are keyed by sequence id (``StepEvent.row``).
+        Pipelined, a step launches a round and returns the events of the one before."""
         events = self._admit()
         self._prefill()
         running = [s for s in self.slots if s is not None and s.status == "running"]
-        if running:
-            events += self._decode(running)
+        previous, launched = self._inflight, self._launch(running) if running else None
+        self._inflight = launched if self.pipelined else None
+        for done in (previous, None if self.pipelined else launched):
+            if done is not None:
+                events += self._record(done)
         return events
 
     # --- admission and prefill ------------------------------------------------------------
@@ -266,7 +281,8 @@ class Runtime:
             gamma = min(gamma, self.auto.choose())
         return gamma
 
-    def _decode(self, running: list[Sequence]) -> list[StepEvent]:
+    def _launch(self, running: list[Sequence]) -> Launched:
+        """Start one round over the occupied slots (its results are read by `_record`)."""
         self.rounds += 1
         self.row_rounds += len(running)
         gamma = self._gamma(running)
@@ -274,14 +290,21 @@ class Runtime:
         uses_qb = any(s.request.rule.needs_proxy_base for s in running)
         runners = {r: x for r, x in self.runners.items() if r != "proxy_base" or uses_qb}
         # The columns attention reads: every occupied row's, prefilling ones too (a position
-        # past the width is clamped to its last column, which must not hold a cached token).
+        # past the width is clamped to its last column, which must not hold a cached token),
+        # and the columns of the round in flight, not yet counted in `cached`.
         occupied = [s for s in self.slots if s is not None]
-        width = max(max(s.cached.values()) for s in occupied) + gamma + 1
+        width = max(max(s.cached.values()) for s in occupied) + self._in_flight() + gamma + 1
         work = self._work_of(running)
+        ready = None
         if self.graphed:
             batch = bucket(used, self.rows)
             width = fit_width(self.context, width)
             packed = self._graph(batch, gamma, runners, width, work).replay()
+            if packed.is_cuda:  # the graph's output is overwritten by the next replay
+                host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+                packed = host.copy_(packed, non_blocking=True)
+                ready = torch.cuda.Event()
+                ready.record()
         else:
             batch = used
             rows = [s.slot for s in running]
@@ -297,19 +320,32 @@ class Runtime:
                 live=live,
                 work=work,
             )
-        values = packed.tolist()  # the round's one host synchronisation
-        events = []
-        for seq in running:
-            row = values[seq.slot]  # type: ignore[index]
+        return Launched([(s, s.slot) for s in running], gamma, batch, packed, ready)  # type: ignore[misc]
+
+    def _record(self, launched: Launched) -> list[StepEvent]:
+        """Read a launched round's results into its sequences (those that finished or were
+        cancelled since its launch drop theirs) and release the rows that finish."""
+        if launched.ready is not None:
+            launched.ready.synchronize()
+        values = launched.values.tolist()  # the round's one wait for the device
+        gamma, events, accepted = launched.gamma, [], []
+        rows = [(seq, slot) for seq, slot in launched.rows if not seq.finished]
+        for seq, slot in rows:
+            row = values[slot]
             kept = int(row[-1]) + 1
             for role in seq.cached:
                 seq.cached[role] += kept
             events.append(seq.record(gamma, row, FIELDS, self.eos_ids, self.tokenizer))
-        self._update_auto(gamma, batch, [int(values[s.slot][-1]) for s in running])  # type: ignore[index]
-        for seq in running:
+            accepted.append(int(row[-1]))
+        self._update_auto(gamma, launched.batch, accepted)
+        for seq, _ in rows:
             if seq.finish_reason is not None:
                 self._release(seq)
         return events
+
+    def _in_flight(self) -> int:
+        """Columns a row may gain from the round in flight (its γ + 1; 0 when none)."""
+        return 0 if self._inflight is None else self._inflight.gamma + 1
 
     def _work_of(self, running: list[Sequence]) -> Work:
         """`Work.of` the running rows, recomputed only when they change (not every round)."""
@@ -321,7 +357,7 @@ class Runtime:
 
     def _update_auto(self, gamma: int, batch: int, accepted: list[int]) -> None:
         """Feed auto γ the round's acceptance and the cost ratio of a proxy step to a verify."""
-        if gamma == 0:
+        if gamma == 0 or not accepted:  # plain, or every row dropped its result
             return
         judged = sum(min(k + 1, gamma) for k in accepted)
         base, proxy = self.runners["base"], self.runners["proxy"]
@@ -421,13 +457,25 @@ class Runtime:
             moved = self.slots[last]
             assert moved is not None
             for role, runner in self.runners.items():
-                runner.move(last, slot, moved.cached.get(role, 0))
+                used = min(runner.context, moved.cached.get(role, 0) + self._in_flight())
+                runner.move(last, slot, used)
             self.table.move(last, slot)
             self.slots[slot], moved.slot = moved, slot
         else:
             for runner in self.runners.values():
                 runner.clear(slot)
         self.slots[last] = None
+
+
+class Launched(NamedTuple):
+    """A round on its way: its rows with the slots they held at launch, its γ and batch, and
+    its results ``[B, FIELDS·(γ+1) + 1]`` (on a GPU a pinned host copy, there once ``ready``)."""
+
+    rows: list[tuple[Sequence, int]]
+    gamma: int
+    batch: int
+    values: torch.Tensor
+    ready: torch.cuda.Event | None
 
 
 def _bytes(runner: Runner) -> float:

@@ -190,6 +190,8 @@ def create_app(
     model_id: str = "kad",
     max_rows: int = 16,
     default_max_tokens: int = 256,
+    default_temperature: float = 1.0,
+    default_top_p: float = 1.0,
     max_body_bytes: int = MAX_BODY_BYTES,
     max_prompt_chars: int = MAX_PROMPT_CHARS,
 ) -> FastAPI:
@@ -198,7 +200,8 @@ def create_app(
     rule: the default rule (kad.Dual() if None); speculative: the default draft length (None or
     0: off; "auto"); model_id: the name clients put in "model"; max_rows: most sequences decoded
     at once (also the most a request may ask for: prompts × n); default_max_tokens: for chat
-    requests without max_tokens (completions default to 16, as OpenAI's); max_body_bytes: the
+    requests without max_tokens (completions default to 16, as OpenAI's); default_temperature,
+    default_top_p: for requests that set none (1 and 1, as OpenAI's); max_body_bytes: the
     largest request body (413 above); max_prompt_chars: the longest prompt, or a chat's text, in
     characters (400 above, before tokenizing).
     """
@@ -262,8 +265,10 @@ def create_app(
         return DecodeParams(
             rule=chosen,
             max_new_tokens=max_tokens,
-            temperature=body.temperature,
-            top_p=body.top_p,
+            temperature=(
+                body.temperature if "temperature" in body.model_fields_set else default_temperature
+            ),
+            top_p=body.top_p if "top_p" in body.model_fields_set else default_top_p,
             top_k=max(body.top_k, 0),
             stop=body.stops(),
             speculative=None if spec == 0 else spec,

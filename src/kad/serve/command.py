@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import signal
 import sys
@@ -14,14 +16,22 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from kad.errors import KadError
 from kad.options import (
+    Device,
+    Dtype,
+    MaxContext,
+    MemoryFraction,
     QuantizeBase,
     QuantizeProxy,
     TensorParallelOpt,
+    at_least,
+    check_top_p,
+    checked,
     load_aligner,
     quantize_of,
     with_rule_options,
 )
 from kad.rules import RULE_NAMES, make_rule
+from kad.sampling import Warp
 from kad.serve.app import MAX_BODY_BYTES, MAX_PROMPT_CHARS, create_app
 from kad.speculative import parse_speculative
 
@@ -48,9 +58,36 @@ def server_speculative(value: str | None) -> int | str | None:
     return parse_speculative(value)
 
 
-def _at_least(name: str, value: float | None, low: float) -> None:
-    if value is not None and value < low:
-        raise KadError(f"{name} must be >= {low}, got {value}")
+class PortInUseError(KadError):
+    """The port `kad serve` would listen on is taken: exit code 3 rather than bad input's 2."""
+
+    exit_code = 3
+
+
+def check_port_free(host: str, port: int) -> None:
+    """`PortInUseError` when something listens on ``host``:``port`` already, `KadError` when
+    this machine cannot listen there (no such address). The sockets are bound as uvicorn binds
+    them, by asyncio's `create_server` (SO_REUSEADDR: a port whose last connections linger in
+    TIME_WAIT is free), and closed before listening."""
+
+    async def bind() -> None:
+        loop = asyncio.get_running_loop()
+        server = await loop.create_server(asyncio.Protocol, host, port, start_serving=False)
+        server.close()
+        await server.wait_closed()
+
+    try:
+        asyncio.run(bind())
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise PortInUseError(
+                f"port {port} is in use (on {host}): stop what listens there or pick another --port"
+            ) from None
+        reason = os.strerror(err.errno) if err.errno and err.errno > 0 else err.strerror
+        raise KadError(f"cannot listen on {host}:{port}: {reason}") from None
+
+
+check_port = checked(lambda port: 1 <= port <= 65535, "in 1..65535")
 
 
 @with_rule_options
@@ -79,31 +116,40 @@ def serve_command(
         str | None,
         typer.Option(help="Default draft length γ (proxy as drafter), 'auto', or 0 (off)."),
     ] = None,
+    temperature: Annotated[
+        float,
+        typer.Option(
+            callback=checked(lambda t: 0 <= t <= 2, "in [0, 2]"),
+            help="Temperature of requests that set none (OpenAI's default 1; 0 is greedy).",
+        ),
+    ] = 1.0,
+    top_p: Annotated[
+        float,
+        typer.Option(callback=check_top_p, help="top_p of requests that set none, in (0, 1]."),
+    ] = 1.0,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    port: Annotated[int, typer.Option(callback=check_port, help="Port to listen on.")] = 8000,
     max_rows: Annotated[
         int,
-        typer.Option(help="Most sequences decoded at once (also a request's limit: prompts × n)."),
-    ] = 16,
-    max_context: Annotated[
-        int | None,
         typer.Option(
-            help="Most tokens a sequence holds, prompt and output (default: the model's)."
+            callback=at_least(1),
+            help="Most sequences decoded at once (also a request's limit: prompts × n).",
         ),
-    ] = None,
-    memory_fraction: Annotated[
-        float | None,
-        typer.Option(help="Share of the accelerator's memory the KV caches may take, in (0, 1]."),
-    ] = None,
+    ] = 16,
+    max_context: MaxContext = None,
+    memory_fraction: MemoryFraction = None,
     max_body_bytes: Annotated[
-        int, typer.Option(help="Largest request body in bytes (413 above).")
+        int, typer.Option(callback=at_least(1), help="Largest request body in bytes (413 above).")
     ] = MAX_BODY_BYTES,
     max_prompt_chars: Annotated[
-        int, typer.Option(help="Longest prompt (a chat's text) in characters (400 above).")
+        int,
+        typer.Option(
+            callback=at_least(1), help="Longest prompt (a chat's text) in characters (400 above)."
+        ),
     ] = MAX_PROMPT_CHARS,
     model_name: Annotated[str, typer.Option(help="The model id clients send.")] = "kad",
-    dtype: Annotated[str | None, typer.Option(help="float32, bfloat16 or float16.")] = None,
-    device: Annotated[str | None, typer.Option(help="cpu, cuda, cuda:1 (default: auto).")] = None,
+    dtype: Dtype = None,
+    device: Device = None,
     fast: Annotated[
         bool | None,
         typer.Option(
@@ -112,7 +158,10 @@ def serve_command(
     ] = None,
     threads: Annotated[
         int | None,
-        typer.Option(help="Torch CPU threads (default on CPU: all cores but one, for HTTP)."),
+        typer.Option(
+            callback=at_least(1),
+            help="Torch CPU threads (default on CPU: all cores but one, for HTTP).",
+        ),
     ] = None,
     tensor_parallel: TensorParallelOpt = None,
     quantize_base: QuantizeBase = "none",
@@ -127,22 +176,13 @@ def serve_command(
         raise KadError("give both --base and --proxy, or neither (to serve the built-in pair)")
     chosen = make_rule(rule, **(rule_values or {}))
     gamma = server_speculative(speculative)
-    for name, value in (
-        ("--max-rows", max_rows),
-        ("--max-context", max_context),
-        ("--max-body-bytes", max_body_bytes),
-        ("--max-prompt-chars", max_prompt_chars),
-        ("--threads", threads),
-    ):
-        _at_least(name, value, 1)
     quantize = quantize_of(quantize_base, quantize_proxy)
-    if memory_fraction is not None and not 0 < memory_fraction <= 1:
-        raise KadError(f"--memory-fraction must be in (0, 1], got {memory_fraction}")
     if chosen.needs_proxy_base and proxy_base is None and base is not None:
         raise KadError(f"the {chosen.name} rule needs the proxy's unaligned base: add --proxy-base")
+    if random_init is not None and chosen.needs_proxy_base:
+        raise KadError(f"--random-init builds no proxy base for the {chosen.name} rule")
+    check_port_free(host, port)
     if random_init is not None:
-        if chosen.needs_proxy_base:
-            raise KadError(f"--random-init builds no proxy base for the {chosen.name} rule")
         from kad.fast.presets import random_aligner
         from kad.models import resolve_device, resolve_dtype
 
@@ -186,10 +226,12 @@ def serve_command(
         speculative=gamma,
         model_id=model_name,
         max_rows=max_rows,
+        default_temperature=temperature,
+        default_top_p=top_p,
         max_body_bytes=max_body_bytes,
         max_prompt_chars=max_prompt_chars,
     )
-    capture_graphs(aligner.runtime, gamma, chosen)
+    capture_graphs(aligner.runtime, gamma, chosen, Warp(temperature=temperature, top_p=top_p))
     typer.echo(f"serving {model_name!r} ({pair}) at http://{host}:{port}/v1")
     if aligner.parallel is not None:
         # uvicorn shuts down on SIGTERM, then raises it again: exit through Python then, so
@@ -199,17 +241,17 @@ def serve_command(
     aligner.close()
 
 
-def capture_graphs(runtime: Any, speculative: int | str | None, rule: Any) -> None:
+def capture_graphs(runtime: Any, speculative: int | str | None, rule: Any, warp: Warp) -> None:
     """On a GPU, capture the rounds and prefills the server's default request uses before the
     first request (as vLLM does), so that no early request waits for a capture: plain rounds and
-    the default γ (every γ when it is "auto"), for the default rule, greedy or sampled without
-    top-k/top-p (the API's defaults); other γs, rules and cuts are captured on first use."""
+    the default γ (every γ when it is "auto"), for the default rule and warp (`kad serve
+    --temperature`, --top-p; a greedy request computes what T = 1 does); other γs, rules,
+    temperatures and cuts are captured on first use."""
     if not runtime.graphed:
         return
     from kad.runtime.round import Work
-    from kad.sampling import Warp
 
-    works = [Work.of([rule], [Warp(temperature=1.0)])]
+    works = [Work.of([rule], [warp])]
     gammas = {0}
     if speculative == "auto":
         gammas |= set(range(1, runtime.auto.gamma_max + 1))
