@@ -19,8 +19,8 @@ work of a round (recording tokens, text, stop strings, releasing slots, admittin
 prefilling) runs while the GPU decodes the next round, and each step returns the events of the
 round before. A row that finishes in round k has decoded once more in round k + 1: that token
 is dropped, so a row's tokens are those of the synchronous loop. Host writes to the device never
-wait for it (`kad.runtime.pool.to_device`), and a slot that moves while a round is in flight
-copies the columns that round may write too.
+wait for it (`kad.fast.graphs.to_device`, `fill_` and `copy_`), and a slot that moves while a
+round is in flight copies the columns that round may write too.
 
 **γ, per request.** A round has one draft length for its batch. It is 0 (plain) while any
 running row asks for plain decoding; otherwise the smallest fixed γ that a row asks for, or the
